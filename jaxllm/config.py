@@ -1,0 +1,309 @@
+"""Typed, frozen run configuration loaded from YAML.
+
+`load_config(path, overrides)` reads a YAML file (`yaml.safe_load`), follows its `base:` chain
+(paths relative to the including file), applies dotted `key=value` overrides and builds frozen
+dataclasses. Every mistake raises `ConfigError` with one line that names the key and, where there
+is a fixed set, the valid choices; `python -m jaxllm.train` prints that line and exits 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+from jaxllm.models.llama import ModelConfig, RopeScaling
+
+
+class ConfigError(ValueError):
+    """A config problem, described in one line that names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # Entries are files, folders or globs (.txt, .jsonl, .parquet) or the built-in corpus
+    # `stdlib:train` / `stdlib:eval` (the Python standard library's own source files).
+    train: tuple[str, ...] = ("stdlib:train",)
+    eval: tuple[str, ...] = ("stdlib:eval",)
+    text_field: str = "text"
+    # A SentencePiece .model file, or "auto": train one on `train` (vocab = model.vocab_size)
+    # once and cache it under `tokenizer_cache_dir`.
+    tokenizer: str = "auto"
+    tokenizer_cache_dir: str = "~/.cache/jaxllm/tokenizers"
+    seq_len: int = 256
+    add_bos: bool = True
+    add_eos: bool = True
+    seed: int = 0
+    # Fraction of the built-in corpus's files held out for evaluation.
+    eval_fraction: float = 0.02
+    # Threads grain uses to read and tokenize (0: in the training process).
+    num_workers: int = 0
+    strict: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["wsd", "cosine", "linear", "constant"] = "wsd"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.1
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
+    min_lr: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    total_steps: int = 1000
+    batch_size: int = 32  # global, in sequences of data.seq_len tokens
+    grad_accum_steps: int = 1  # microbatches per step; batch_size must divide evenly
+    run_dir: str = "runs/default"
+    seed: int = 0
+    loss_chunk_size: int = 128  # sequence positions per cross-entropy chunk
+    eval_every_steps: int = 200
+    eval_batches: int = 8
+    sample_prompt: str = "def "
+    sample_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    enabled: bool = True
+    every_steps: int = 500
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoggingConfig:
+    every_steps: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+    # Peak dense bf16 TFLOP/s of one device for the MFU estimate; 0 looks it up by device kind.
+    peak_tflops_per_device: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    task: Literal["pretrain"] = "pretrain"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# ----------------------------------------------------------------------------- YAML and overrides
+
+
+def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"base: cycle through {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a path to another YAML file")
+    parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))
+    return _deep_merge(parent, raw)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(raw: dict, override: str) -> dict:
+    """Sets `a.b.c=value` in the nested dict; the value is parsed as YAML (`3`, `true`, `[1, 2]`)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    key, value = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    out = dict(raw)
+    node = out
+    for p in parts[:-1]:
+        child = node.get(p)
+        node[p] = dict(child) if isinstance(child, dict) else {}
+        node = node[p]
+    node[parts[-1]] = parsed
+    return out
+
+
+# ----------------------------------------------------------------------------- typed construction
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(c) for c in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(tp) if a is not Ellipsis}
+        if isinstance(value, (str, int, float)) or isinstance(value, dict):
+            value = [value]  # a single entry is a one-entry list
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def build(cls, raw: dict, prefix: str = ""):
+    """Builds dataclass `cls` from a nested dict, checking names, types and choices."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in raw.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(f"unknown key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+        if v is None and dataclasses.is_dataclass(hints[k]):
+            v = {}
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:  # __post_init__ checks of value ranges
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that no single field's type can express."""
+    t, d, m = cfg.trainer, cfg.data, cfg.model
+    checks = [
+        (t.total_steps > 0, "trainer.total_steps must be > 0"),
+        (t.batch_size > 0, "trainer.batch_size must be > 0"),
+        (t.grad_accum_steps > 0 and t.batch_size % t.grad_accum_steps == 0,
+         f"trainer.grad_accum_steps ({t.grad_accum_steps}) must divide trainer.batch_size ({t.batch_size})"),
+        (d.seq_len > 0, "data.seq_len must be > 0"),
+        (t.loss_chunk_size > 0, "trainer.loss_chunk_size must be > 0"),
+        (cfg.checkpoint.every_steps > 0, "checkpoint.every_steps must be > 0"),
+        (cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0"),
+        (cfg.logging.every_steps > 0, "logging.every_steps must be > 0"),
+        (0.0 <= cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction must be in [0, 1]"),
+        (0 <= cfg.schedule.warmup_steps <= t.total_steps,
+         "schedule.warmup_steps must be between 0 and trainer.total_steps"),
+        (0.0 < d.eval_fraction < 1.0, "data.eval_fraction must be in (0, 1)"),
+        (all(x == -1 or x > 0 for x in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
+         "mesh.data, mesh.fsdp and mesh.tensor must be positive or -1"),
+        ([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
+         "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    raw = _read_yaml(path)
+    for o in overrides:
+        raw = apply_override(raw, o)
+    cfg = build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain YAML-able data (tuples become lists)."""
+
+    def conv(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, (list, tuple)):
+            return [conv(v) for v in x]
+        return x
+
+    return conv(cfg)
+
+
+def dump_yaml(cfg, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "OptimizerConfig", "ScheduleConfig", "TrainerConfig",
+    "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling",
+    "load_config", "build", "validate", "to_dict", "dump_yaml", "apply_override",
+]

@@ -1,0 +1,293 @@
+"""Llama-family decoder as pure functions over a params pytree.
+
+Covers Llama 2/3, SmolLM2 and Qwen2 shapes: RMSNorm, RoPE (with Llama-3.1 frequency scaling),
+grouped-query attention, SwiGLU, optional qkv biases and tied embeddings. Layers are stacked along
+a leading `layers` axis and run with `lax.scan`, so compile time does not grow with depth.
+
+Einsum letters: B batch, T query length, S key length, D embed, N heads, K kv heads,
+G heads per kv head, H head dim, F mlp, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from jaxllm.kernels.attention import attention
+from jaxllm.parallel.mesh import constrain
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    type: Literal["none", "llama3"] = "none"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0: d_model // n_heads
+    d_ff: int = 768
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; params are always fp32
+    attention: Literal["xla", "cudnn", "pallas"] = "xla"
+    remat: Literal["none", "full", "save_dots"] = "none"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.{name} must be > 0")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            raise ValueError("model.d_model must be divisible by model.n_heads when model.head_dim is 0")
+        if self.hd % 2:
+            raise ValueError("the head dimension must be even for RoPE")
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, f, h, kv, hd = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.hd
+        per_layer = 2 * d + d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f
+        if self.qkv_bias:
+            per_layer += hd * (h + 2 * kv)
+        n = self.n_layers * per_layer + d
+        if include_embeddings:
+            n += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        elif not self.tie_embeddings:
+            n += self.vocab_size * d  # the output projection is a matmul, counted in FLOPs
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * matmul params + causal attention (PaLM appendix B)."""
+        matmul_params = self.num_params(include_embeddings=False) + (
+            self.vocab_size * self.d_model if self.tie_embeddings else 0)
+        attn = 6 * self.n_layers * self.n_heads * self.hd * seq_len  # 12*L*H*Dh*T, halved for causal
+        return 6 * matmul_params + attn
+
+
+# Logical axis names of every parameter; jaxllm.parallel maps them to mesh axes.
+def param_axes(cfg: ModelConfig) -> dict:
+    layers = {
+        "attn_norm": ("layers", "embed"),
+        "wq": ("layers", "embed", "heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    }
+    if cfg.qkv_bias:
+        layers |= {"bq": ("layers", "heads", "head_dim"), "bk": ("layers", "kv_heads", "head_dim"),
+                   "bv": ("layers", "kv_heads", "head_dim")}
+    axes = {"embed": ("vocab", "embed"), "layers": layers, "final_norm": ("embed",)}
+    if not cfg.tie_embeddings:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    L, D, N, K, H, F, V = (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd,
+                           cfg.d_ff, cfg.vocab_size)
+    layers = {
+        "attn_norm": (L, D), "wq": (L, D, N, H), "wk": (L, D, K, H), "wv": (L, D, K, H),
+        "wo": (L, N, H, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if cfg.qkv_bias:
+        layers |= {"bq": (L, N, H), "bk": (L, K, H), "bv": (L, K, H)}
+    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    """fp32 params: normal(init_std) matrices, unit norms, zero biases."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    leaves = []
+    for (path, shape), key in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaves.append(jnp.ones(shape, jnp.float32))
+        elif name in ("bq", "bk", "bv"):
+            leaves.append(jnp.zeros(shape, jnp.float32))
+        else:
+            leaves.append(cfg.init_std * jax.random.normal(key, shape, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (weight * x32).astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2], with Llama-3.1 scaling when configured."""
+    H = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, H, 2, dtype=jnp.float32) / H))
+    s = cfg.rope_scaling
+    if s.type == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / s.factor, inv)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x_BTNH, positions_BT, inv_freq):
+    """Rotates pairs (i, i + H/2), the layout Hugging Face Llama checkpoints use."""
+    angles = positions_BT[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BTNH.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def _qkv(cfg, p, x_BTD, positions_BT, inv_freq):
+    q = jnp.einsum("BTD,DNH->BTNH", x_BTD, p["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", x_BTD, p["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"))
+    k = constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+    return q, k, v
+
+
+def _mlp(p, x_BTD):
+    gate = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_gate"])
+    up = jnp.einsum("BTD,DF->BTF", x_BTD, p["w_up"])
+    h = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return jnp.einsum("BTF,FD->BTD", h, p["w_down"])
+
+
+def _cast(cfg, tree):
+    return jax.tree.map(lambda a: a.astype(cfg.compute_dtype), tree)
+
+
+def _decoder_layer(cfg, p, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+    h = rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
+    q, k, v = _qkv(cfg, p, h, positions_BT, inv_freq)
+    att = attention(q, k, v, impl=cfg.attention, causal=True, segment_ids=segment_ids_BT)
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", att, p["wo"])
+    x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
+    x_BTD = x_BTD + _mlp(p, rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps))
+    return constrain(x_BTD, ("batch", "length", "embed"))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def hidden_states(cfg: ModelConfig, params: dict, tokens_BT, positions=None, segment_ids=None):
+    """Final-norm hidden states [B, T, D] in the compute dtype."""
+    B, T = tokens_BT.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    params = _cast(cfg, params)
+    x = constrain(jnp.take(params["embed"], tokens_BT, axis=0), ("batch", "length", "embed"))
+    inv_freq = rope_frequencies(cfg)
+
+    def layer(x, p):
+        return _decoder_layer(cfg, p, x, positions, segment_ids, inv_freq)
+
+    if cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
+    x, _ = jax.lax.scan(lambda x, p: (layer(x, p), None), x, params["layers"])
+    return rms_norm(x, params["final_norm"], cfg.norm_eps)
+
+
+def output_embedding(cfg: ModelConfig, params: dict):
+    """The [D, V] output projection (the transposed input embedding when tied)."""
+    return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+
+
+def forward(cfg: ModelConfig, params: dict, tokens, positions=None, segment_ids=None):
+    """Logits [B, T, V] in fp32. Training uses `hidden_states` with a chunked loss instead."""
+    h = hidden_states(cfg, params, tokens, positions, segment_ids)
+    w = output_embedding(cfg, params).astype(cfg.compute_dtype)
+    return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------- decoding with a KV cache
+
+
+def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
+    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
+    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
+
+
+def forward_cached(cfg: ModelConfig, params: dict, tokens_BT, positions_BT, cache: dict, index,
+                   kv_valid_BS):
+    """Runs T new tokens whose keys go into cache slots [index, index + T).
+
+    `kv_valid_BS` marks the cache slots that hold real tokens (False for left padding); a query
+    at slot i sees the valid slots <= i. Returns (fp32 logits [B, T, V], updated cache).
+    """
+    B, T = tokens_BT.shape
+    S = cache["k"].shape[2]
+    params = _cast(cfg, params)
+    inv_freq = rope_frequencies(cfg)
+    x = jnp.take(params["embed"], tokens_BT, axis=0)
+    q_slot = index + jnp.arange(T)
+    mask_BTS = kv_valid_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])
+    mask = mask_BTS[:, None]  # [B, 1, T, S], broadcast over heads
+
+    def layer(x, inputs):
+        p, k_cache, v_cache = inputs
+        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
+        q, k, v = _qkv(cfg, p, h, positions_BT, inv_freq)
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        att = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask)
+        x = x + jnp.einsum("BTNH,NHD->BTD", att, p["wo"])
+        x = x + _mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps))
+        return x, (k_cache, v_cache)
+
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
+    h = rms_norm(x, params["final_norm"], cfg.norm_eps)
+    w = output_embedding(cfg, params)
+    logits = jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
+    return logits, {"k": k_new, "v": v_new}
