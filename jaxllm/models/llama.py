@@ -227,7 +227,9 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens_BT, positions=None, seg
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     params = _cast(cfg, params)
-    x = constrain(jnp.take(params["embed"], tokens_BT, axis=0), ("batch", "length", "embed"))
+    # Gather from a table whole along vocab: a vocab-sharded gather would be rematerialised anyway.
+    table = constrain(params["embed"], (None, "embed"))
+    x = constrain(jnp.take(table, tokens_BT, axis=0), ("batch", "length", "embed"))
     inv_freq = rope_frequencies(cfg)
 
     def layer(x, p):

@@ -1,0 +1,90 @@
+"""Run logging: a progress bar on stdout, `metrics.jsonl`, TensorBoard events. Process 0 only."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import jax
+
+# Dense bf16 peak TFLOP/s per device, by the prefix of `device.device_kind`.
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA GH200": 989.0, "NVIDIA A100": 312.0,
+    "NVIDIA L4": 121.0, "NVIDIA A10": 125.0, "NVIDIA B200": 2250.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+}
+
+
+def peak_tflops_per_device(override: float = 0.0) -> float | None:
+    """The configured peak, else the table's entry for this device kind, else None (no MFU)."""
+    if override > 0:
+        return override
+    kind = jax.devices()[0].device_kind
+    for prefix, tflops in PEAK_TFLOPS.items():
+        if kind.startswith(prefix):
+            return tflops
+    return None
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, total_steps: int, *, progress_bar: bool = True,
+                 tensorboard: bool = True, initial_step: int = 0):
+        self.enabled = jax.process_index() == 0
+        self._bar = self._tb = self._jsonl = None
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                             file=sys.stdout, unit="step", mininterval=1.0)
+
+    def log(self, step: int, metrics: dict, *, advance: int = 0) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                    self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            if advance:
+                self._bar.update(advance)
+            shown = {k: clean[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
+            self._bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
+                                  refresh=True)
+        elif "loss" in clean or "eval_loss" in clean:
+            print(json.dumps({"step": step, **clean}), flush=True)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None and n:
+            self._bar.update(n)
+
+    def write(self, text: str) -> None:
+        """Prints a line without breaking the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()

@@ -1,0 +1,81 @@
+"""Optimizers and learning-rate schedules, built from optax pieces."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+# Norm gains and biases are not decayed (as in GPT-2, Llama and TRL's default).
+NO_DECAY = frozenset({"attn_norm", "mlp_norm", "final_norm", "bq", "bk", "bv"})
+
+
+def _decay_fn(shape: str, peak_lr: float, min_lr: float, steps: int):
+    if steps <= 0:
+        return optax.constant_schedule(min_lr)
+    if shape == "linear":
+        return optax.linear_schedule(peak_lr, min_lr, steps)
+    if shape == "cosine":
+        return optax.cosine_decay_schedule(peak_lr, steps, alpha=min_lr / peak_lr if peak_lr else 0.0)
+    if shape == "1-sqrt":  # Hägele et al. 2024: 1 - sqrt(t) cools faster at the very end
+        return lambda t: min_lr + (peak_lr - min_lr) * (1.0 - jnp.sqrt(jnp.clip(t / steps, 0.0, 1.0)))
+    raise ValueError(f"decay_shape {shape!r} is not one of linear, cosine, 1-sqrt")
+
+
+def wsd_schedule(peak_lr: float, total_steps: int, warmup_steps: int, decay_fraction: float = 0.1,
+                 decay_shape: str = "linear", min_lr: float = 0.0) -> optax.Schedule:
+    """Warmup-stable-decay: linear warmup from 0, constant at `peak_lr`, then decay to `min_lr`
+    over the last `decay_fraction` of `total_steps`."""
+    decay_steps = int(round(decay_fraction * total_steps))
+    stable_steps = total_steps - warmup_steps - decay_steps
+    if stable_steps < 0:
+        raise ValueError(f"warmup ({warmup_steps}) + decay ({decay_steps}) steps exceed total_steps ({total_steps})")
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak_lr, warmup_steps),
+         optax.constant_schedule(peak_lr),
+         _decay_fn(decay_shape, peak_lr, min_lr, decay_steps)],
+        boundaries=[warmup_steps, warmup_steps + stable_steps],
+    )
+
+
+def cosine_schedule(peak_lr, total_steps, warmup_steps, min_lr=0.0) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, max(total_steps, warmup_steps + 1),
+                                              end_value=min_lr)
+
+
+def linear_schedule(peak_lr, total_steps, warmup_steps, min_lr=0.0) -> optax.Schedule:
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak_lr, warmup_steps),
+         optax.linear_schedule(peak_lr, min_lr, max(total_steps - warmup_steps, 1))],
+        boundaries=[warmup_steps])
+
+
+def constant_schedule(peak_lr, total_steps, warmup_steps, min_lr=0.0) -> optax.Schedule:
+    del total_steps, min_lr
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak_lr, warmup_steps), optax.constant_schedule(peak_lr)],
+        boundaries=[warmup_steps])
+
+
+def make_schedule(opt_cfg, sched_cfg, total_steps: int) -> optax.Schedule:
+    s = sched_cfg
+    if s.name == "wsd":
+        return wsd_schedule(opt_cfg.lr, total_steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.min_lr)
+    builders = {"cosine": cosine_schedule, "linear": linear_schedule, "constant": constant_schedule}
+    return builders[s.name](opt_cfg.lr, total_steps, s.warmup_steps, s.min_lr)
+
+
+def weight_decay_mask(params):
+    """True for leaves that get weight decay: every matrix but norms and biases."""
+    def keep(path, _):
+        return getattr(path[-1], "key", None) not in NO_DECAY
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    chain = []
+    if opt_cfg.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
+    chain.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                             weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask))
+    return optax.chain(*chain)

@@ -1,0 +1,281 @@
+"""`python -m jaxllm.train --config configs/X.yaml [a.b=c ...]`
+
+The train step is a pure function `(state, batch) -> (state, metrics)`, jitted once with
+explicit shardings and donation. The host loop around it feeds data, logs step n-1's metrics
+after step n is dispatched (so logging never stalls the device), evaluates, checkpoints and
+resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxllm import config as config_lib
+from jaxllm.checkpoint import Checkpointer
+from jaxllm.metrics import MetricsLogger, peak_tflops_per_device
+from jaxllm.models import init_params, param_axes
+from jaxllm.objectives.lm import lm_loss
+from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.parallel import distributed
+from jaxllm.parallel.mesh import activation_sharding, batch_sharding, mesh_from_config, tree_shardings
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32[2] key; each step folds in its step number
+
+
+# ----------------------------------------------------------------------------- building the step
+
+
+class Trainer:
+    """Everything compiled for one config and mesh: state init, train step, eval step."""
+
+    def __init__(self, cfg: config_lib.Config, mesh):
+        self.cfg, self.mesh = cfg, mesh
+        self.schedule = make_schedule(cfg.optimizer, cfg.schedule, cfg.trainer.total_steps)
+        self.tx = make_optimizer(cfg.optimizer, self.schedule)
+        self.loss_fn = lambda params, batch: lm_loss(cfg.model, params, batch,
+                                                     chunk_size=cfg.trainer.loss_chunk_size)
+        self.abstract_state = jax.eval_shape(self._init, jax.random.PRNGKey(0))
+        self.state_shardings = self._state_shardings()
+        self.abstract_state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            self.abstract_state, self.state_shardings)
+        self.batch_sharding = batch_sharding(mesh)
+        self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, None), donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding))
+
+    def _init(self, rng):
+        k_params, k_state = jax.random.split(rng)
+        params = init_params(self.cfg.model, k_params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                          rng=k_state)
+
+    def _state_shardings(self):
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        shapes = jax.tree.map(lambda a: a.shape, self.abstract_state.params)
+        params = tree_shardings(self.mesh, param_axes(self.cfg.model), shapes)
+        # Optimizer moments mirror the params' shardings; counters are replicated.
+        opt = optax.tree_map_params(self.tx, lambda _, s: s, self.abstract_state.opt_state, params,
+                                    transform_non_params=lambda _: replicated,
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+        return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
+
+    def _train_step(self, state: TrainState, batch):
+        accum = self.cfg.trainer.grad_accum_steps
+        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+        with activation_sharding(self.mesh):
+            if accum == 1:
+                (loss_sum, aux), grads = grad_fn(state.params, batch)
+            else:
+                # Microbatch j takes rows j, j+A, j+2A...: every device keeps an equal share.
+                micro = jax.tree.map(
+                    lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+                def body(carry, mb):
+                    (l, a), g = grad_fn(state.params, mb)
+                    return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+                zeros = (jnp.zeros(()), {"weight": jnp.zeros(()), "correct": jnp.zeros(())},
+                         jax.tree.map(jnp.zeros_like, state.params))
+                (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+        weight = jnp.maximum(aux["weight"], 1.0)
+        # Sums divided once by the whole batch's weight: accumulation equals the big batch.
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight,
+                   "grad_norm": optax.global_norm(grads), "lr": self.schedule(state.step),
+                   "tokens": aux["weight"]}
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    def _eval_step(self, params, batch):
+        with activation_sharding(self.mesh):
+            loss_sum, aux = self.loss_fn(params, batch)
+        return loss_sum, aux["weight"]
+
+    def to_global(self, local_batch: dict):
+        """Per-process numpy rows -> one global array per key, sharded along batch."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}
+
+    def evaluate(self, params, batches) -> dict:
+        total, weight = 0.0, 0.0
+        for b in batches:
+            l, w = self.eval_step(params, self.to_global(b))
+            total, weight = total + float(l), weight + float(w)
+        loss = total / max(weight, 1.0)
+        return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0)))}
+
+
+# ----------------------------------------------------------------------------- the host loop
+
+
+class _Preempted:
+    def __init__(self):
+        self.flag = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def _trim_metrics(run_dir: str, last_step: int) -> None:
+    """After a resume, drop logged steps beyond the checkpoint: they are about to be redone."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    import json
+
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def train(cfg: config_lib.Config) -> dict:
+    """Runs (or resumes) training; returns a summary with the initial and final losses."""
+    from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    t, run_dir = cfg.trainer, cfg.trainer.run_dir
+    mesh = mesh_from_config(cfg.mesh)
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        config_lib.dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
+    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    train_iter = make_train_iterator(cfg, tokenizer)
+    eval_batches = make_eval_batches(cfg, tokenizer, t.eval_batches)
+    trainer = Trainer(cfg, mesh)
+
+    ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save) \
+        if cfg.checkpoint.enabled else None
+    resume_step = ckpt.latest_step() if ckpt else None
+    if resume_step is not None:
+        state, data_state = ckpt.restore(resume_step, trainer.abstract_state)
+        train_iter.set_state(data_state)
+        _trim_metrics(run_dir, resume_step)
+    else:
+        state = trainer.init_state(jax.random.PRNGKey(t.seed))
+    start = int(state.step)
+
+    logger = MetricsLogger(run_dir, t.total_steps, progress_bar=cfg.logging.progress_bar,
+                           tensorboard=cfg.logging.tensorboard, initial_step=start)
+    n_params = cfg.model.num_params()
+    tokens_per_step = t.batch_size * cfg.data.seq_len
+    flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * tokens_per_step
+    peak = peak_tflops_per_device(cfg.logging.peak_tflops_per_device)
+    logger.write(f"jaxllm: {n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, "
+                 f"{jax.device_count()} {jax.devices()[0].platform} devices, "
+                 f"{'resuming from step ' + str(start) if start else 'from scratch'}, run dir {run_dir}")
+
+    summary = {"start_step": start}
+    if start == 0:
+        ev = trainer.evaluate(state.params, eval_batches)
+        summary["initial_eval_loss"] = ev["eval_loss"]
+        logger.log(0, ev)
+
+    preempted = _Preempted()
+    pending = None  # (step, device metrics) of the step before the one in flight
+    last_time, last_step, compile_s = time.perf_counter(), start, None
+    step = start
+    try:
+        while step < t.total_steps:
+            batch = trainer.to_global(next(train_iter))
+            state, metrics = trainer.train_step(state, batch)
+            step += 1
+            if compile_s is None:
+                jax.block_until_ready(metrics)
+                compile_s = time.perf_counter() - last_time
+                last_time, last_step = time.perf_counter(), step
+                logger.write(f"first step (with compilation) took {compile_s:.1f} s")
+            if pending is not None:
+                p_step, p_metrics = pending
+                m = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
+                now = time.perf_counter()
+                dt = (now - last_time) / max(p_step - last_step, 1)
+                m |= {"step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+                if peak:
+                    m["mfu"] = flops_per_step / dt / (peak * 1e12 * jax.device_count())
+                last_time, last_step = now, p_step
+                summary["last_loss"] = m["loss"]
+                logger.log(p_step, m)
+                pending = None
+            if step % cfg.logging.every_steps == 0 or step == t.total_steps:
+                pending = (step, metrics)
+            else:
+                logger.advance(1)
+            if step % t.eval_every_steps == 0 or step == t.total_steps:
+                ev = trainer.evaluate(state.params, eval_batches)
+                summary["final_eval_loss"] = ev["eval_loss"]
+                logger.log(step, ev)
+            save_now = step % cfg.checkpoint.every_steps == 0 or step == t.total_steps or preempted.flag
+            if ckpt and save_now:
+                ckpt.save(step, state, train_iter.get_state())
+            if preempted.flag:
+                logger.write(f"SIGTERM: saved a checkpoint at step {step}, exiting")
+                if ckpt:
+                    ckpt.wait()
+                raise SystemExit(143)
+        if pending is not None:
+            m = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+            summary["last_loss"] = m["loss"]
+            logger.log(pending[0], m, advance=1)
+    finally:
+        preempted.restore()
+        if ckpt:
+            ckpt.close()
+        logger.close()
+
+    summary["final_step"] = step
+    if t.sample_tokens > 0 and jax.process_index() == 0:
+        from jaxllm.generate import sample_text
+
+        text = sample_text(cfg, jax.device_get(state.params), tokenizer, t.sample_prompt,
+                           max_new_tokens=t.sample_tokens, temperature=0.8, seed=t.seed)
+        summary["sample"] = text
+        print(f"\n--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}{text}\n---", flush=True)
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a YAML file under configs/")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=100")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_lib.load_config(args.config, args.overrides)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    distributed.initialize()
+    summary = train(cfg)
+    if "final_eval_loss" in summary:
+        print(f"done: step {summary['final_step']}, eval loss "
+              f"{summary.get('initial_eval_loss', float('nan')):.3f} -> {summary['final_eval_loss']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

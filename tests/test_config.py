@@ -1,0 +1,75 @@
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from jaxllm.config import Config, ConfigError, build, dump_yaml, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)))
+def test_every_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.trainer.batch_size % cfg.trainer.grad_accum_steps == 0
+
+
+@pytest.mark.parametrize("name, params_m", [("smollm2-135m", 134.5), ("smollm2-360m", 361.8),
+                                            ("smollm2-1.7b", 1711.4), ("llama3-8b", 8030.3)])
+def test_presets_have_published_sizes(name, params_m):
+    cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+    assert cfg.model.num_params() / 1e6 == pytest.approx(params_m, abs=0.1)
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    (tmp_path / "a.yaml").write_text("model: {d_model: 64, n_heads: 2}\ntrainer: {total_steps: 5}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrainer: {batch_size: 4}\n")
+    cfg = load_config(str(tmp_path / "b.yaml"), ["trainer.total_steps=7", "schedule.warmup_steps=2", "model.rope_scaling.type=llama3",
+                                                "data.train=[x.txt, y.jsonl]", "optimizer.lr=1e-3"])
+    assert (cfg.model.d_model, cfg.model.n_heads) == (64, 2)
+    assert (cfg.trainer.batch_size, cfg.trainer.total_steps) == (4, 7)
+    assert cfg.model.rope_scaling.type == "llama3"
+    assert cfg.data.train == ("x.txt", "y.jsonl")
+    assert cfg.optimizer.lr == 1e-3
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(os.path.join(ROOT, "configs", "llama3-8b.yaml"), ["trainer.total_steps=3000"])
+    dump_yaml(cfg, str(tmp_path / "c.yaml"))
+    assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.totl_steps=3", "unknown key 'trainer.totl_steps'; valid keys here: batch_size"),
+    ("model.attention=flash", "model.attention: 'flash' is not one of xla, cudnn, pallas"),
+    ("schedule.name=step", "schedule.name: 'step' is not one of wsd, cosine, linear, constant"),
+    ("trainer.batch_size=abc", "trainer.batch_size: expected an integer, got 'abc'"),
+    ("checkpoint.every_steps=1.5", "checkpoint.every_steps: expected an integer"),
+    ("mesh.tensor=0", "mesh.data, mesh.fsdp and mesh.tensor must be positive or -1"),
+    ("model.n_kv_heads=3", "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
+    ("trainer.grad_accum_steps=5", "trainer.grad_accum_steps (5) must divide trainer.batch_size (16)"),
+    ("bogus=1", "unknown key 'bogus'"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [override])
+    assert message in str(e.value)
+
+
+def test_cli_bad_key_is_one_line_without_traceback():
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.train", "--config", "configs/tiny.yaml",
+                           "model.attenton=xla"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "unknown key 'model.attenton'" in lines[0] and "attention" in lines[0]
+
+
+def test_yaml_is_parsed_safely(tmp_path):
+    (tmp_path / "evil.yaml").write_text("trainer: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(tmp_path / "evil.yaml"))

@@ -1,0 +1,219 @@
+"""HF interop: tiny random transformers models must give the same logits through jaxllm."""
+
+import dataclasses
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from jaxllm.models import ModelConfig, RopeScaling, forward, init_params  # noqa: E402
+from jaxllm.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
+
+V = 128
+BASE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+            initializer_range=0.1)  # larger than default so attention is far from uniform
+
+
+def _randomize(model, seed):
+    """HF inits norms to 1 and biases to 0, which would hide a mis-mapped norm or bias."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def hf_model(seed=0, qwen=False, **overrides):
+    torch.manual_seed(seed)
+    kw = BASE | overrides
+    if qwen:
+        return _randomize(transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw)), seed)
+    return _randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)), seed)
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(np.asarray(tokens), dtype=torch.long)).logits.float().numpy()
+
+
+def jax_logits(cfg, params, tokens, **kw):
+    cfg = dataclasses.replace(cfg, attention="xla")
+    return np.asarray(forward(cfg, params, jnp.asarray(tokens), **kw))
+
+
+def assert_close(got, want, tol=1e-4):
+    err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+    assert err <= tol, f"relative max error {err:.2e} > {tol:.0e}"
+
+
+def tokens(batch=2, length=16, seed=0):
+    return np.random.default_rng(seed).integers(0, V, (batch, length))
+
+
+def save(model, path, **kw):
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gqa_dir(tmp_path_factory):
+    model = hf_model(num_key_value_heads=2)
+    return model, save(model, tmp_path_factory.mktemp("gqa"))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # MHA, untied
+    dict(num_key_value_heads=2, tie_word_embeddings=True),  # GQA, tied
+    dict(num_key_value_heads=1, head_dim=32),  # MQA with head_dim != hidden / heads
+], ids=["mha", "gqa_tied", "mqa_head_dim"])
+def test_llama_logits_match(tmp_path, overrides):
+    model = hf_model(**overrides)
+    cfg, params = load_hf_checkpoint(save(model, tmp_path))
+    assert cfg.n_kv_heads == model.config.num_key_value_heads
+    assert cfg.tie_embeddings == bool(overrides.get("tie_word_embeddings")) and ("lm_head" in params) != cfg.tie_embeddings
+    x = tokens()
+    assert_close(jax_logits(cfg, params, x), hf_logits(model, x))
+
+
+def test_llama3_rope_scaling(tmp_path):
+    rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=32)
+    model = hf_model(num_key_value_heads=2, rope_theta=10000.0, rope_scaling=rope)
+    cfg, params = load_hf_checkpoint(save(model, tmp_path))
+    assert cfg.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 32)
+    x = tokens(batch=1, length=64)
+    want = hf_logits(model, x)
+    assert_close(jax_logits(cfg, params, x), want)
+    # The scaling must matter at this length, or the check above proves nothing about it.
+    unscaled = jax_logits(dataclasses.replace(cfg, rope_scaling=RopeScaling()), params, x)
+    assert np.max(np.abs(unscaled - want)) / np.max(np.abs(want)) > 1e-2
+
+
+def test_qwen2_qkv_bias(tmp_path):
+    model = hf_model(qwen=True, num_key_value_heads=2, tie_word_embeddings=True)
+    assert model.model.layers[0].self_attn.k_proj.bias.abs().sum() > 0
+    cfg, params = load_hf_checkpoint(save(model, tmp_path))
+    assert cfg.qkv_bias and cfg.tie_embeddings
+    x = tokens()
+    assert_close(jax_logits(cfg, params, x), hf_logits(model, x))
+
+
+def test_sharded_checkpoint_loads_identically(gqa_dir, tmp_path):
+    model, single = gqa_dir
+    save(model, tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and not (tmp_path / "model.safetensors").exists()
+    cfg_a, a = load_hf_checkpoint(single)
+    cfg_b, b = load_hf_checkpoint(tmp_path)
+    assert cfg_a == cfg_b
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_packed_segments_match_separate_documents(gqa_dir):
+    model, path = gqa_dir
+    cfg, params = load_hf_checkpoint(path)
+    doc_a, doc_b = tokens(1, 10, seed=1), tokens(1, 14, seed=2)
+    packed = np.concatenate([doc_a, doc_b], axis=1)
+    positions = np.concatenate([np.arange(10), np.arange(14)])[None]
+    segments = np.array([[0] * 10 + [1] * 14])
+    got = jax_logits(cfg, params, packed, positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments))
+    assert_close(got[:, :10], hf_logits(model, doc_a))
+    assert_close(got[:, 10:], hf_logits(model, doc_b))
+
+
+@pytest.mark.parametrize("qwen,max_shard_bytes", [(False, 30_000), (True, None)], ids=["llama_sharded", "qwen2"])
+def test_hf_jaxllm_hf_round_trip(tmp_path, qwen, max_shard_bytes):
+    model = hf_model(qwen=qwen, num_key_value_heads=2)
+    cfg, params = load_hf_checkpoint(save(model, tmp_path / "src"))
+    save_hf_checkpoint(cfg, params, tmp_path / "out", max_shard_bytes=max_shard_bytes)
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists() == bool(max_shard_bytes)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded) is type(model)
+    x = tokens()
+    np.testing.assert_array_equal(hf_logits(reloaded, x), hf_logits(model, x))  # lossless fp32 copy
+
+
+def test_jaxllm_init_to_hf(tmp_path):
+    cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64,
+                      tie_embeddings=True, init_std=0.1, dtype="float32",
+                      rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16))
+    params = init_params(cfg, jax.random.key(0))
+    params["final_norm"] = 1 + 0.2 * jax.random.normal(jax.random.key(1), params["final_norm"].shape)
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    save_hf_checkpoint(cfg, params, tmp_path)
+    save_hf_checkpoint(cfg, params, tmp_path, max_shard_bytes=30_000)  # over an existing dir: stale file goes
+    assert not (tmp_path / "model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    x = tokens(length=32)
+    assert_close(jax_logits(cfg, params, x), hf_logits(model, x))
+
+
+def test_bf16_checkpoint(gqa_dir, tmp_path):
+    model, path = gqa_dir
+    _, p32 = load_hf_checkpoint(path)
+    save(model.to(torch.bfloat16), tmp_path)
+    model.float()  # the fixture model is shared
+    cfg, p = load_hf_checkpoint(tmp_path, dtype="float32")
+    assert cfg.dtype == "float32"
+    cast = jax.tree.map(lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32), p32)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b) or a.dtype == np.float32, p, cast)
+    cfg16, p16 = load_hf_checkpoint(tmp_path, dtype="bfloat16")
+    assert cfg16.dtype == "bfloat16" and p16["layers"]["wq"].dtype == ml_dtypes.bfloat16
+
+
+def _rewrite(path, drop=(), add=None, config=None):
+    tensors = load_file(path / "model.safetensors")
+    for k in drop:
+        del tensors[k]
+    save_file(tensors | (add or {}), path / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        hf = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps(hf | config))
+
+
+def test_bad_checkpoints(tmp_path):
+    model = hf_model(num_hidden_layers=1)
+    d = save(model, tmp_path / "missing")
+    _rewrite(d, drop=["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(ValueError, match=r"missing tensors: model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_hf_checkpoint(d)
+
+    d = save(model, tmp_path / "extra")
+    _rewrite(d, add={"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32),  # ignored
+                     "model.extra.weight": np.ones(3, np.float32)})
+    with pytest.raises(ValueError, match=r"unexpected tensors: model\.extra\.weight$"):
+        load_hf_checkpoint(d)
+
+    d = save(model, tmp_path / "obias")
+    _rewrite(d, add={"model.layers.0.self_attn.o_proj.bias": np.ones(64, np.float32)})
+    with pytest.raises(ValueError, match="o_proj.bias"):
+        load_hf_checkpoint(d)
+
+    d = save(model, tmp_path / "shape")
+    _rewrite(d, config={"intermediate_size": 80})
+    with pytest.raises(ValueError, match=r"gate_proj\.weight has shape \(96, 64\), expected \(80, 64\)"):
+        load_hf_checkpoint(d)
+
+    hf = config_to_hf(ModelConfig())
+    with pytest.raises(ValueError, match="yarn"):
+        config_from_hf(hf | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="mlp_bias"):
+        config_from_hf(hf | {"mlp_bias": True})
+    assert config_from_hf(hf | {"model_type": "qwen2"}).qkv_bias
+    assert config_from_hf(hf | {"attention_bias": True}).qkv_bias
+    # transformers>=5 spelling: theta and scaling under rope_parameters
+    modern = config_from_hf({k: v for k, v in hf.items() if k not in ("rope_theta", "rope_scaling")}
+                            | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    assert modern.rope_theta == 5e5 and modern.rope_scaling.type == "none"
