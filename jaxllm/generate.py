@@ -77,9 +77,11 @@ def sample_logits(logits, key, *, temperature, top_k: int = 0, top_p=1.0, use_to
 # ----------------------------------------------------------------------------- batched generation
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p"))
-def _generate_jit(cfg: ModelConfig, params, tokens_BP, lengths_B, rng, temperature, top_p, stop_ids,
-                  pad_id, *, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool):
+@functools.partial(jax.jit,
+                   static_argnames=("cfg", "max_new_tokens", "greedy", "top_k", "use_top_p"))
+def _generate_jit(cfg: ModelConfig, params, tokens_BP, lengths_B, rng, temperature, top_p,
+                  stop_ids, pad_id, *, max_new_tokens: int, greedy: bool, top_k: int,
+                  use_top_p: bool):
     B, P = tokens_BP.shape
     N = max_new_tokens
     S = P + N
@@ -87,40 +89,41 @@ def _generate_jit(cfg: ModelConfig, params, tokens_BP, lengths_B, rng, temperatu
     kv_valid = jnp.arange(S)[None, :] >= (P - lengths_B)[:, None]
     positions = jnp.maximum(jnp.arange(P)[None, :] - (P - lengths_B)[:, None], 0)
 
-    def pick(logits_BV, key):
-        if greedy:
-            return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        return sample_logits(logits_BV, key, temperature=temperature, top_k=top_k, top_p=top_p,
-                             use_top_p=use_top_p).astype(jnp.int32)
-
     cache = init_kv_cache(cfg, B, S)
     logits, cache = forward_cached(cfg, params, tokens_BP, positions, cache, 0, kv_valid)
-    rng, key = jax.random.split(rng)
-    tok = pick(logits[:, -1], key)  # the last slot is real in every row (left padding)
-    out = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, stop_ids)
+    # The last slot is real in every row (left padding), so its logits predict new token 0.
+    logits = logits[:, -1]
+    # All keys split up front: one threefry op in the program, which compiles slowly on CPU.
+    keys = None if greedy else jax.random.split(rng, N)
 
     def cond(state):
-        i, _, _, done, _, _ = state
+        i, _, _, done, _ = state
         return (i < N) & ~jnp.all(done)
 
     def body(state):
-        i, cache, tok, done, out, rng = state
-        # Feed generated token i-1: cache slot P+i-1, position len+i-1.
-        logits, cache = forward_cached(cfg, params, tok[:, None], (lengths_B + i - 1)[:, None],
-                                       cache, P + i - 1, kv_valid)
-        rng, key = jax.random.split(rng)
-        nxt = jnp.where(done, pad_id, pick(logits[:, 0], key))
-        out = jax.lax.dynamic_update_slice_in_dim(out, nxt[:, None], i, axis=1)
-        return i + 1, cache, nxt, done | jnp.isin(nxt, stop_ids), out, rng
+        # Picks new token i from the carried logits, then runs it (cache slot P+i, position
+        # len+i) for the next logits. Sampling in one place keeps the compiled program small;
+        # the price is one unused model step after the last token.
+        i, logits, cache, done, out = state
+        if greedy:
+            tok = jnp.argmax(logits, axis=-1)
+        else:
+            tok = sample_logits(logits, keys[i], temperature=temperature, top_k=top_k,
+                                top_p=top_p, use_top_p=use_top_p)
+        tok = jnp.where(done, pad_id, tok.astype(jnp.int32))
+        out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], i, axis=1)
+        logits, cache = forward_cached(cfg, params, tok[:, None], (lengths_B + i)[:, None], cache,
+                                       P + i, kv_valid)
+        return i + 1, logits[:, 0], cache, done | jnp.isin(tok, stop_ids), out
 
-    state = (jnp.int32(1), cache, tok, done, out, rng)
+    out = jnp.full((B, N), pad_id, jnp.int32)
+    state = (jnp.int32(0), logits, cache, jnp.zeros((B,), bool), out)
     return jax.lax.while_loop(cond, body, state)[4]
 
 
-def generate(cfg, params, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, stop_tokens=(), rng=None, pad_id: int = 0
-             ) -> list[list[int]]:
+def generate(cfg, params, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_tokens=(),
+             rng=None, pad_id: int = 0) -> list[list[int]]:
     """New tokens for each prompt, cut before the first stop token (the stop token is excluded).
 
     `cfg` is a ModelConfig (or a full Config, whose `.model` is used). temperature == 0 decodes

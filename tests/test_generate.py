@@ -4,32 +4,44 @@ import numpy as np
 import pytest
 
 from jaxllm.generate import generate, sample_logits, top_k_filter, top_p_filter
-from jaxllm.models.llama import ModelConfig, forward, forward_cached, init_kv_cache, init_params
+from jaxllm.models.llama import ModelConfig, forward, forward_cached, init_kv_cache, param_shapes
 
-# A larger init_std than training's spreads the logits, so greedy argmaxes are not near-ties that
-# fp32 rounding differences between the cached and full paths could flip.
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
-                  dtype="float32", init_std=0.3)
+                  dtype="float32")
 PROMPTS = [[5, 17, 3, 40, 22, 9, 11], [8], [30, 2, 61]]  # different lengths: left padding
 
 
 @pytest.fixture(scope="module")
 def params():
-    return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))  # one compile, not per op
+    # NumPy init: jax.random's threefry takes seconds per shape to compile on a busy CPU. A larger
+    # std than training's (and non-unit norms) spreads the logits, so greedy argmaxes are not
+    # near-ties that fp32 rounding differences between the cached and full paths could flip.
+    rng = np.random.default_rng(0)
+    is_shape = lambda x: isinstance(x, tuple)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, shape: jnp.asarray((1.0 if path[-1].key.endswith("norm") else 0.0)
+                                        + 0.3 * rng.standard_normal(shape), jnp.float32),
+        param_shapes(CFG), is_leaf=is_shape)
 
 
-def reference_greedy(params, prompt, n, width=32):
-    """Greedy decoding that recomputes the full forward over the growing sequence each step.
+_forward = jax.jit(forward, static_argnums=0)
+WIDTH = 32
 
-    The sequence is right-padded to a fixed width (causal attention: later pads cannot change
-    earlier logits) so the jitted forward compiles once.
-    """
-    fwd = jax.jit(lambda toks: forward(CFG, params, toks))
+
+def full_logits(params, seq):
+    """`forward` logits [len(seq), V], right-padded to a fixed width (causal attention: later
+    pads cannot change earlier logits) so that it compiles once."""
+    toks = np.zeros((1, WIDTH), np.int32)
+    toks[0, :len(seq)] = seq
+    # Slice in NumPy: an eager jnp slice would compile anew for every length.
+    return np.asarray(_forward(CFG, params, jnp.asarray(toks)))[0, :len(seq)]
+
+
+def reference_greedy(params, prompt, n):
+    """Greedy decoding that recomputes the full forward over the growing sequence each step."""
     seq = list(prompt)
     for _ in range(n):
-        toks = np.zeros((1, width), np.int32)
-        toks[0, :len(seq)] = seq
-        seq.append(int(jnp.argmax(fwd(jnp.asarray(toks))[0, len(seq) - 1])))
+        seq.append(int(np.argmax(full_logits(params, seq)[-1])))
     return seq[len(prompt):]
 
 
@@ -55,9 +67,8 @@ def test_prefill_logits_match_forward(params):
     logits, cache = prefill(jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(valid))
     # Pad-slot queries see no valid key; they must stay finite or NaN values would leak via 0*NaN.
     assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(cache["v"])).all()
-    fwd = jax.jit(lambda t: forward(CFG, params, t))
     for b, p in enumerate(PROMPTS):
-        ref = fwd(jnp.asarray([p], jnp.int32))[0]
+        ref = full_logits(params, p)
         np.testing.assert_allclose(logits[b, P - len(p):], ref, atol=1e-5, rtol=1e-5)
 
 

@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from jaxllm.models import ModelConfig, RopeScaling, forward, init_params  # noqa: E402
+from jaxllm.models import ModelConfig, RopeScaling, forward, param_shapes  # noqa: E402
 from jaxllm.models.hf import config_from_hf, config_to_hf, load_hf_checkpoint, save_hf_checkpoint  # noqa: E402
 
 V = 128
@@ -50,7 +50,7 @@ def hf_logits(model, tokens):
 
 def jax_logits(cfg, params, tokens, **kw):
     cfg = dataclasses.replace(cfg, attention="xla")
-    return np.asarray(forward(cfg, params, jnp.asarray(tokens), **kw))
+    return np.asarray(jax.jit(forward, static_argnums=0)(cfg, params, jnp.asarray(tokens), **kw))
 
 
 def assert_close(got, want, tol=1e-4):
@@ -148,8 +148,12 @@ def test_jaxllm_init_to_hf(tmp_path):
     cfg = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64,
                       tie_embeddings=True, init_std=0.1, dtype="float32",
                       rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16))
-    params = init_params(cfg, jax.random.key(0))
-    params["final_norm"] = 1 + 0.2 * jax.random.normal(jax.random.key(1), params["final_norm"].shape)
+    # Random params in the jaxllm layout (numpy: jax.random's per-shape compiles cost ~10 s on 2 cores),
+    # norms away from 1 so a swapped norm would show.
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, shape: path[-1].key.endswith("norm") + 0.1 * rng.standard_normal(shape, np.float32),
+        param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
     assert config_from_hf(config_to_hf(cfg)) == cfg
     save_hf_checkpoint(cfg, params, tmp_path)
     save_hf_checkpoint(cfg, params, tmp_path, max_shard_bytes=30_000)  # over an existing dir: stale file goes

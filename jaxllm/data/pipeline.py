@@ -5,9 +5,10 @@ tokens, targets, positions, segment_ids (int32 [b, seq_len]) and loss_mask (floa
 
 Training: each process reads every `process_count`-th document (a disjoint shard) before the
 shuffle, so no coordination is needed; the shuffle is seeded by `data.seed` and differs each
-epoch; the stream repeats forever. Tokenization runs on random-access grain datasets; packing
-and batching on the iterator. The returned iterator's `get_state()` is a small JSON-able dict
-and `set_state()` resumes with exactly the batches the original would have produced next.
+epoch; the stream repeats forever. Tokenization runs on random-access grain datasets; packing,
+a windowed shuffle of the packed rows and batching on the iterator. The returned iterator's
+`get_state()` is a small JSON-able dict and `set_state()` resumes with exactly the batches the
+original would have produced next.
 
 Evaluation: one fixed stream of rows shared by all processes (the eval documents in a fixed
 order, independent of `data.seed` and of the process count), cut into global batches of
@@ -25,6 +26,9 @@ import numpy as np
 from jaxllm.data import sources
 from jaxllm.data.packing import PackIterDataset
 
+# Tokens of packed rows shuffled together (memory ~20 bytes per token; a restore re-reads up to
+# one window).
+ROW_SHUFFLE_TOKENS = 1 << 19
 # Seed of the fixed eval-document order; not data.seed, so eval batches match across runs.
 _EVAL_ORDER_SEED = 0
 
@@ -63,7 +67,8 @@ class Tokenize:
 
 
 def _read_options(num_workers: int) -> grain.ReadOptions:
-    # 0 threads: read and tokenize synchronously in the calling thread.
+    # num_workers threads read and tokenize documents ahead, in the background (SentencePiece
+    # releases the GIL while encoding); 0 threads: synchronously in the calling thread.
     return grain.ReadOptions(num_threads=num_workers, prefetch_buffer_size=max(1, 4 * num_workers))
 
 
@@ -83,11 +88,13 @@ def train_dataset(data_cfg, tokenizer, batch_size: int, *, process_index: int, p
     ids = docs.map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
     rows = PackIterDataset(ids.to_iter_dataset(_read_options(data_cfg.num_workers)), data_cfg.seq_len,
                            tokenizer.pad_id)
-    batches = rows.batch(batch_size, drop_remainder=True)
-    if data_cfg.num_workers > 0:
-        # Pack and batch ahead in a background thread, overlapping the training step.
-        batches = grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=2)
-    return batches
+    # A long document fills many consecutive rows; shuffling rows within a window spreads its
+    # rows over many batches, so one batch is not a few documents' consecutive chunks.
+    window = max(batch_size, ROW_SHUFFLE_TOKENS // data_cfg.seq_len)
+    rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=window, seed=data_cfg.seed)
+    # No extra batch-prefetch thread: JAX dispatches steps asynchronously, so the next batch is
+    # built while the device computes; and grain's ThreadPrefetch iterator errors at exit.
+    return rows.batch(batch_size, drop_remainder=True)
 
 
 class DataIterator(grain.DatasetIterator):

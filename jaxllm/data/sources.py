@@ -106,7 +106,7 @@ class TextFileSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> str:
-        with open(self.files[index], encoding="utf-8") as f:
+        with open(self.files[index], encoding="utf-8", newline="") as f:  # keep \r\n as is
             return f.read()
 
 
@@ -188,7 +188,8 @@ class ParquetSource:
             pf = pq.ParquetFile(path)
             if text_field not in pf.schema_arrow.names:
                 # A whole shard without the column means a wrong data.text_field, not bad data.
-                raise SourceError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+                names = ", ".join(pf.schema_arrow.names)
+                raise SourceError(f"{path}: no column {text_field!r} (columns: {names})")
             for rg in range(pf.num_row_groups):
                 column = pf.read_row_group(rg, columns=[text_field]).column(0)
                 good = _good_rows(column, f"{path}: row group {rg}", text_field, skips)
@@ -223,7 +224,8 @@ class ParquetSource:
         return column
 
     def __getitem__(self, index: int) -> str:
-        value = self._row_group(int(self._file_ids[index]), int(self._groups[index]))[int(self._rows[index])].as_py()
+        column = self._row_group(int(self._file_ids[index]), int(self._groups[index]))
+        value = column[int(self._rows[index])].as_py()
         return value.decode("utf-8") if isinstance(value, bytes) else value
 
     def __getstate__(self):  # picklable for grain worker processes: drop the lock and cache
@@ -347,7 +349,10 @@ def resolve_files(spec: str, *, eval_fraction: float = 0.02) -> list[str]:
     if glob.has_magic(path):
         files = []
         for match in sorted(glob.glob(path, recursive=True)):
-            files += _walk(match) if os.path.isdir(match) else [match] if match.endswith(SUPPORTED_SUFFIXES) else []
+            if os.path.isdir(match):
+                files += _walk(match)
+            elif match.endswith(SUPPORTED_SUFFIXES):
+                files.append(match)
         if not files:
             raise SourceError(f"{spec}: glob matches no {'/'.join(SUPPORTED_SUFFIXES)} files")
         return files

@@ -1,0 +1,128 @@
+"""Pallas flash attention against `reference_attention`, in interpret mode on CPU.
+
+Interpret mode is slow to compile, so each case checks the output and all three gradients from one
+compiled function, cases are picked to cover the features rather than their cross product, and
+compilation skips XLA's costly optimisation passes on CPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxllm.kernels.attention import attention, reference_attention
+from jaxllm.kernels.flash_attention import flash_attention
+from jaxllm.kernels.splash_attention import splash_attention
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _compile(fn, *args):
+    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    return jax.jit(fn).lower(*args).compile(compiler_options=options)
+
+
+def _inputs(B, T, S, N, K, H, dtype, seed=0):
+    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
+    return (jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype),
+            jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(dtype),
+            jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(dtype),
+            jax.random.normal(kd, (B, T, N, H), jnp.float32).astype(dtype))
+
+
+def _with_grads(attn):
+    def fn(q, k, v, do):
+        o, vjp = jax.vjp(attn, q, k, v)
+        return (o, *vjp(do))
+    return fn
+
+
+def _segments(kind, B, T):
+    if kind is None:
+        return None
+    if kind == "one":  # every row a single document
+        return jnp.zeros((B, T), jnp.int32)
+    if kind == "many":  # short documents, lengths 1..12, not aligned to blocks
+        lengths = np.resize(np.arange(1, 13), T)
+        return jnp.asarray(np.broadcast_to(np.repeat(np.arange(T), lengths)[:T], (B, T)), jnp.int32)
+    if kind == "mixed":  # short documents then padding (id 0); a second row is one document
+        short = np.where(np.arange(T) < T - 20, 1 + np.arange(T) // 7, 0)
+        return jnp.asarray(np.stack([short, np.ones(T, int)] * B)[:B], jnp.int32)
+    raise ValueError(kind)
+
+
+def _assert_close(got, want, tol, name):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert np.all(np.isfinite(got)), f"{name}: non-finite values"
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.max(np.abs(want)), err_msg=name)
+
+
+def _check(impl, B, T, S, N, K, H, causal, seg, dtype, tol, **kw):
+    q, k, v, do = _inputs(B, T, S, N, K, H, dtype)
+    segment_ids = _segments(seg, B, T)
+    got = _compile(_with_grads(lambda q, k, v: impl(
+        q, k, v, segment_ids=segment_ids, causal=causal, interpret=True, **kw)), q, k, v, do)(
+        q, k, v, do)
+    want = jax.jit(_with_grads(lambda q, k, v: reference_attention(
+        q, k, v, segment_ids=segment_ids, causal=causal)))(q, k, v, do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape, name
+        _assert_close(g, w, tol, name)
+
+
+# (B, T, S, N, K, H, causal, segments, block_q, block_k): GQA ratios 1, 2, 4, 8; lengths that are
+# not multiples of the blocks; q and kv blocks of different sizes in both directions.
+CASES = {
+    "causal-mha": (1, 64, 64, 2, 2, 32, True, None, 16, 16),
+    "causal-gqa2-len100": (1, 100, 100, 4, 2, 32, True, None, 32, 16),
+    "full-gqa4-len100": (1, 100, 100, 4, 1, 16, False, None, 16, 32),
+    "causal-gqa8-many-segments": (1, 128, 128, 8, 1, 16, True, "many", 32, 32),
+    "full-gqa2-mixed-segments": (2, 100, 100, 4, 2, 32, False, "mixed", 32, 32),
+    "causal-one-segment": (2, 64, 64, 2, 1, 16, True, "one", 16, 32),
+    "causal-q-shorter-than-kv": (1, 48, 80, 4, 2, 16, True, None, 16, 32),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_fp32_matches_reference(case):
+    B, T, S, N, K, H, causal, seg, bq, bk = case
+    _check(flash_attention, B, T, S, N, K, H, causal, seg, jnp.float32, 1e-5, block_q=bq,
+           block_k=bk)
+
+
+def test_bf16_matches_reference():
+    _check(flash_attention, 1, 96, 96, 4, 2, 64, True, "many", jnp.bfloat16, 3e-2, block_q=32,
+           block_k=32)
+
+
+def test_fp16_default_blocks_odd_head_dim():
+    # Default tiles shrink to the sequence; head_dim 24 is padded to 32 inside.
+    q, k, v, _ = _inputs(1, 40, 40, 2, 1, 24, jnp.float16)
+    got = _compile(lambda q, k, v: flash_attention(q, k, v, interpret=True), q, k, v)(q, k, v)
+    assert got.dtype == jnp.float16
+    _assert_close(got, reference_attention(q, k, v), 1e-2, "out")
+
+
+def test_splash_wrapper_matches_reference():
+    # The TPU path, through splash's own interpreter: GQA, segments, length padded to 128s.
+    _check(splash_attention, 1, 200, 200, 4, 2, 64, True, "mixed", jnp.float32, 1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU error")
+def test_cpu_without_interpret_raises():
+    q, k, v, _ = _inputs(1, 32, 32, 2, 1, 16, jnp.float32)
+    with pytest.raises(RuntimeError, match="needs a GPU or TPU"):
+        flash_attention(q, k, v)
+    with pytest.raises(RuntimeError, match="interpret=True"):
+        attention(q, k, v, impl="pallas")
+
+
+def test_bad_arguments_raise():
+    q, k, v, _ = _inputs(1, 32, 48, 3, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        flash_attention(q, k, v, interpret=True, causal=False)
+    q, k, v, _ = _inputs(1, 48, 32, 2, 1, 16, jnp.float32)
+    with pytest.raises(ValueError, match="q_len <= kv_len"):
+        flash_attention(q, k, v, interpret=True)
+    with pytest.raises(ValueError, match="power of 2"):
+        flash_attention(q, k, v, interpret=True, causal=False, block_q=24)
