@@ -102,7 +102,7 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight,
-                   "grad_norm": optax.tree_utils.tree_l2_norm(grads), "lr": self.schedule(state.step),
+                   "grad_norm": optax.tree_utils.tree_norm(grads), "lr": self.schedule(state.step),
                    "tokens": aux["weight"]}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics

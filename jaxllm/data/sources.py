@@ -58,6 +58,10 @@ class DocumentSource(Protocol):
     def __getitem__(self, index: int) -> str: ...
 
 
+def _describe(files: Sequence[str]) -> str:
+    return files[0] if len(files) == 1 else f"{len(files)} files ({files[0]}, ...)"
+
+
 def _is_empty(text: str) -> bool:
     return not text.strip()
 
@@ -100,7 +104,7 @@ class TextFileSource:
                 continue
             self.files.append(path)
         self.skipped = skips.counts
-        skips.report(name or f"{len(paths)} text files", len(self.files))
+        skips.report(name or _describe(paths), len(self.files))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -135,7 +139,7 @@ class JsonlSource:
         self._offsets = np.frombuffer(offsets, np.int64) if offsets else np.zeros(0, np.int64)
         self._lengths = np.frombuffer(lengths, np.int64) if lengths else np.zeros(0, np.int64)
         self.skipped = skips.counts
-        skips.report(", ".join(self.files), len(self))
+        skips.report(_describe(self.files), len(self))
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -200,7 +204,7 @@ class ParquetSource:
         self._groups = np.concatenate(groups)
         self._rows = np.concatenate(rows)
         self.skipped = skips.counts
-        skips.report(", ".join(self.files), len(self))
+        skips.report(_describe(self.files), len(self))
         self._cache_size = cache_row_groups
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._lock = threading.Lock()  # grain may read from several threads

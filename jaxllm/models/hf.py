@@ -121,13 +121,13 @@ def _tensor_specs(cfg: ModelConfig) -> dict:
         return ((heads * H,), lambda w: w.reshape(heads, H), lambda p: p.reshape(heads * H))
 
     layer = {
-        "input_layernorm.weight": ("mlp_norm", (D,), same, same),
+        "input_layernorm.weight": ("attn_norm", (D,), same, same),
         "self_attn.q_proj.weight": ("wq", *proj_in(N)),
         "self_attn.k_proj.weight": ("wk", *proj_in(K)),
         "self_attn.v_proj.weight": ("wv", *proj_in(K)),
         "self_attn.o_proj.weight": ("wo", (D, N * H), lambda w: w.T.reshape(N, H, D),
                                     lambda p: p.reshape(N * H, D).T),
-        "post_attention_layernorm.weight": ("attn_norm", (D,), same, same),
+        "post_attention_layernorm.weight": ("mlp_norm", (D,), same, same),
         "mlp.gate_proj.weight": ("w_gate", (F, D), T, T),
         "mlp.up_proj.weight": ("w_up", (F, D), T, T),
         "mlp.down_proj.weight": ("w_down", (D, F), T, T),

@@ -1,0 +1,1 @@
+"""Reproducible speed measurements: each prints JSON and writes a dated file under results/."""
