@@ -16,11 +16,9 @@ import jax
 import numpy as np
 
 from benchmarks.common import environment, write_results
-from jaxllm import config as config_lib
 from jaxllm.metrics import peak_tflops_per_device
-from jaxllm.parallel import distributed
 from jaxllm.parallel.mesh import mesh_from_config
-from jaxllm.train import Trainer
+from jaxllm.train import Trainer, configure
 
 
 def random_batch(cfg, rng) -> dict:
@@ -40,12 +38,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results", help="folder for the dated results file ('' = none)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(args.config, args.overrides)
-    except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = configure(args.config, args.overrides)
+    if cfg is None:
         return 2
-    distributed.initialize()
     trainer = Trainer(cfg, mesh_from_config(cfg.mesh))
     state = trainer.init_state(jax.random.PRNGKey(0))
     batch = trainer.to_global(random_batch(cfg, np.random.default_rng(0)))

@@ -39,7 +39,7 @@ class DataConfig:
     add_eos: bool = True
     seed: int = 0
     # Fraction of the built-in corpus's files held out for evaluation.
-    eval_fraction: float = 0.02
+    eval_fraction: float = 0.05
     # Threads grain uses to read and tokenize (0: in the training process).
     num_workers: int = 0
     strict: bool = False
@@ -84,6 +84,9 @@ class MeshConfig:
     data: int = -1  # -1: all devices left over by the other axes
     fsdp: int = 1
     tensor: int = 1
+    # On a machine whose only platform is the CPU, expose this many CPU devices (0: JAX's
+    # default of one), so a laptop's cores run data-parallel shards of the batch.
+    cpu_devices: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,6 +275,7 @@ def validate(cfg: Config) -> None:
         (0.0 < d.eval_fraction < 1.0, "data.eval_fraction must be in (0, 1)"),
         (all(x == -1 or x > 0 for x in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
          "mesh.data, mesh.fsdp and mesh.tensor must be positive or -1"),
+        (cfg.mesh.cpu_devices >= 0, "mesh.cpu_devices must be >= 0"),
         ([cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor].count(-1) <= 1,
          "at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
     ]

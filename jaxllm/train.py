@@ -259,17 +259,54 @@ def train(cfg: config_lib.Config) -> dict:
     return summary
 
 
+def check_runtime(cfg: config_lib.Config) -> None:
+    """Checks that depend on the machine: device count, platform, process count."""
+    from jaxllm.parallel.mesh import mesh_shape
+
+    n, platform = jax.device_count(), jax.devices()[0].platform
+    try:
+        data, fsdp, _ = mesh_shape(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, n)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{e} (mesh.data, mesh.fsdp, mesh.tensor)") from None
+    if cfg.model.attention == "cudnn" and platform != "gpu":
+        raise config_lib.ConfigError(f"model.attention=cudnn needs an NVIDIA GPU, this machine has {platform} "
+                                     "devices; valid here: xla" + (", pallas" if platform == "tpu" else ""))
+    if cfg.model.attention == "pallas" and platform not in ("gpu", "tpu"):
+        raise config_lib.ConfigError(f"model.attention=pallas needs a GPU or TPU, this machine has {platform} "
+                                     "devices; valid here: xla")
+    micro = cfg.trainer.batch_size // cfg.trainer.grad_accum_steps
+    if micro % (data * fsdp):
+        raise config_lib.ConfigError(
+            f"trainer.batch_size / trainer.grad_accum_steps = {micro} rows must divide over the "
+            f"{data * fsdp} data-parallel shards (mesh.data * mesh.fsdp)")
+    if cfg.trainer.batch_size % jax.process_count():
+        raise config_lib.ConfigError(f"trainer.batch_size ({cfg.trainer.batch_size}) must divide over "
+                                     f"{jax.process_count()} processes")
+
+
+def configure(path: str, overrides) -> config_lib.Config | None:
+    """Loads the config, starts multi-host JAX and checks the config against the machine;
+    on a config problem prints one line to stderr and returns None."""
+    try:
+        cfg = config_lib.load_config(path, overrides)
+        if cfg.mesh.cpu_devices:  # must precede the first use of any JAX backend
+            jax.config.update("jax_num_cpu_devices", cfg.mesh.cpu_devices)
+        distributed.initialize()
+        check_runtime(cfg)
+    except config_lib.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
+    return cfg
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxllm.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a YAML file under configs/")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_steps=100")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_lib.load_config(args.config, args.overrides)
-    except config_lib.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = configure(args.config, args.overrides)
+    if cfg is None:
         return 2
-    distributed.initialize()
     summary = train(cfg)
     if "final_eval_loss" in summary:
         print(f"done: step {summary['final_step']}, eval loss "

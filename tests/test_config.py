@@ -73,3 +73,16 @@ def test_yaml_is_parsed_safely(tmp_path):
     (tmp_path / "evil.yaml").write_text("trainer: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(tmp_path / "evil.yaml"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attention=cudnn", "model.attention=cudnn needs an NVIDIA GPU, this machine has cpu devices; valid here: xla"),
+    ("model.attention=pallas", "model.attention=pallas needs a GPU or TPU"),
+    ("mesh.data=3", "mesh: data*fsdp*tensor = 3 but there are 1 devices"),
+])
+def test_cli_checks_config_against_the_machine(override, message):
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.train", "--config", "configs/tiny.yaml", override],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr

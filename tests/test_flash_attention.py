@@ -23,11 +23,9 @@ def _compile(fn, *args):
 
 
 def _inputs(B, T, S, N, K, H, dtype, seed=0):
-    kq, kk, kv, kd = jax.random.split(jax.random.key(seed), 4)
-    return (jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype),
-            jax.random.normal(kk, (B, S, K, H), jnp.float32).astype(dtype),
-            jax.random.normal(kv, (B, S, K, H), jnp.float32).astype(dtype),
-            jax.random.normal(kd, (B, T, N, H), jnp.float32).astype(dtype))
+    rng = np.random.default_rng(seed)  # numpy: jax.random would compile for every shape
+    shapes = ((B, T, N, H), (B, S, K, H), (B, S, K, H), (B, T, N, H))  # q, k, v, dout
+    return tuple(jnp.asarray(rng.standard_normal(s, np.float32), dtype) for s in shapes)
 
 
 def _with_grads(attn):
@@ -57,14 +55,15 @@ def _assert_close(got, want, tol, name):
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.max(np.abs(want)), err_msg=name)
 
 
-def _check(impl, B, T, S, N, K, H, causal, seg, dtype, tol, **kw):
+def _check(impl, B, T, S, N, K, H, causal, seg, dtype, tol, sm_scale=None, interpret=True, **kw):
     q, k, v, do = _inputs(B, T, S, N, K, H, dtype)
     segment_ids = _segments(seg, B, T)
     got = _compile(_with_grads(lambda q, k, v: impl(
-        q, k, v, segment_ids=segment_ids, causal=causal, interpret=True, **kw)), q, k, v, do)(
+        q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale, interpret=interpret,
+        **kw)), q, k, v, do)(q, k, v, do)
+    want = _compile(_with_grads(lambda q, k, v: reference_attention(
+        q, k, v, segment_ids=segment_ids, causal=causal, sm_scale=sm_scale)), q, k, v, do)(
         q, k, v, do)
-    want = jax.jit(_with_grads(lambda q, k, v: reference_attention(
-        q, k, v, segment_ids=segment_ids, causal=causal)))(q, k, v, do)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == w.dtype and g.shape == w.shape, name
         _assert_close(g, w, tol, name)
@@ -98,14 +97,39 @@ def test_bf16_matches_reference():
 def test_fp16_default_blocks_odd_head_dim():
     # Default tiles shrink to the sequence; head_dim 24 is padded to 32 inside.
     q, k, v, _ = _inputs(1, 40, 40, 2, 1, 24, jnp.float16)
-    got = _compile(lambda q, k, v: flash_attention(q, k, v, interpret=True), q, k, v)(q, k, v)
+    got = _compile(lambda q, k, v: flash_attention(q, k, v, sm_scale=0.5, interpret=True),
+                   q, k, v)(q, k, v)
     assert got.dtype == jnp.float16
-    _assert_close(got, reference_attention(q, k, v), 1e-2, "out")
+    _assert_close(got, reference_attention(q, k, v, sm_scale=0.5), 1e-2, "out")
+
+
+def test_gqa_never_materialises_repeated_kv():
+    # kv_len differs from q_len, so an array [B, kv_len, N, H] can only be a repeated k or v.
+    B, T, S, N, K, H = 1, 32, 48, 4, 1, 16
+    q, k, v, do = _inputs(B, T, S, N, K, H, jnp.float32)
+    fn = _with_grads(lambda q, k, v: flash_attention(q, k, v, causal=False, interpret=True))
+    text = str(jax.make_jaxpr(fn)(q, k, v, do))  # includes the nested kernel jaxprs
+    assert f"f32[{B},{S},{K},{H}]" in text and f"f32[{B},{S},{N},{H}]" not in text
 
 
 def test_splash_wrapper_matches_reference():
     # The TPU path, through splash's own interpreter: GQA, segments, length padded to 128s.
     _check(splash_attention, 1, 200, 200, 4, 2, 64, True, "mixed", jnp.float32, 1e-5)
+    # No segment ids, not causal: the wrapper must mask the padded keys itself.
+    _check(splash_attention, 1, 100, 150, 2, 1, 64, False, None, jnp.float32, 1e-5, sm_scale=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (Triton lowering)")
+@pytest.mark.parametrize("H", [64, 128, 256])
+def test_gpu_kernel_matches_reference(H):
+    # The compiled kernels with their default tiles (run with JAX_PLATFORMS=cuda: conftest picks
+    # CPU otherwise).
+    _check(flash_attention, 2, 1000, 1000, 8, 2, H, True, "mixed", jnp.bfloat16, 3e-2,
+           interpret=False)
+    with jax.default_matmul_precision("highest"):  # else XLA's fp32 reference may use TF32
+        _check(flash_attention, 1, 300, 300, 4, 4, H, False, None, jnp.float32, 1e-4,
+               interpret=False)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU error")

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.generate import generate, sample_logits, top_k_filter, top_p_filter
+from jaxllm.generate import _completion_text, generate, sample_logits, top_k_filter, top_p_filter
 from jaxllm.models.llama import ModelConfig, forward, forward_cached, init_kv_cache, param_shapes
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -177,3 +177,41 @@ def test_edge_cases(params):
     assert generate(CFG, params, PROMPTS, max_new_tokens=0) == [[], [], []]
     with pytest.raises(ValueError):
         generate(CFG, params, [[1], []], max_new_tokens=2)
+
+
+def test_generate_cli_on_a_trained_run_equals_library_call(trained_run):
+    """`python -m jaxllm.generate --greedy` prints exactly what `generate` returns in-process."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from jaxllm.checkpoint import load_run
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    base, env, run_dir = trained_run
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.generate", "--checkpoint", str(run_dir),
+                           "--prompt", "def ", "--prompt", "import heapq\n", "--greedy",
+                           "--max-new-tokens", "12"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    cfg, params = load_run(str(run_dir))
+    tok = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    prompts = ["def ", "import heapq\n"]
+    ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
+    outs = generate(cfg.model, params, ids, max_new_tokens=12, temperature=0.0, stop_tokens=(tok.eos_id,))
+    blocks = proc.stdout.split("-" * 40 + "\n")
+    for prompt, block, p_ids, new in zip(prompts, blocks, ids, outs):
+        assert block == prompt + _completion_text(tok, p_ids, new) + "\n"
+    assert any(len(o) > 0 for o in outs)
+
+
+def test_generate_cli_without_checkpoint_is_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.generate", "--checkpoint", str(tmp_path / "nope"),
+                           "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().count("\n") == 0 and "no config.yaml" in proc.stderr

@@ -1,8 +1,9 @@
 """FlashAttention-2 in Pallas: fused forward, and a backward made of a dk/dv kernel and a dq kernel.
 
-Layout follows `jaxllm.kernels.attention`: q [B, T, N, H], k/v [B, S, K, H], N % K == 0. Grouped-query
-attention never repeats k/v: the kv head of q head `h` is `h // (N // K)`, picked in the BlockSpec
-index maps, and the dk/dv kernel loops over the group's q heads so it writes each kv head once.
+Layout follows `jaxllm.kernels.attention`: q [B, T, N, H], k/v [B, S, K, H], N % K == 0.
+Grouped-query attention never repeats k/v: the kv head of q head `h` is `h // (N // K)`, picked in
+the BlockSpec index maps, and the dk/dv kernel loops over the group's q heads so it writes each
+kv head once.
 
 Written against the portable Pallas API (ref indexing, `pl.ds`, `lax.fori_loop`) so one kernel
 lowers through Triton on GPU and runs with `interpret=True` on CPU. On TPU `flash_attention`
@@ -81,7 +82,7 @@ def _mask(cfg: _Config, q_pos, k_pos, q_seg, k_seg, causal: bool):
 
     if causal:
         mask = conj(q_pos[:, None] + cfg.causal_offset >= k_pos[None, :])
-    elif cfg.kv_padded:  # (causal masking already hides padded keys from every real query)
+    elif cfg.kv_padded and not cfg.causal:  # a causal mask hides padded keys from real queries
         mask = conj(k_pos[None, :] < cfg.kv_len)
     if q_seg is not None:
         mask = conj(q_seg[:, None] == k_seg[None, :])
@@ -105,6 +106,15 @@ def _causal_q_bounds(cfg: _Config, k_start, bq: int, bk: int, n_q: int):
     n_lo = jnp.minimum(jnp.maximum(lax.div(k_start - off, bq), 0), n_q)
     n_part = jnp.clip(lax.div(k_start + bk - 1 - off + bq - 1, bq), n_lo, n_q)
     return n_lo, n_part
+
+
+def _compiler_params(cfg: _Config, head_dim: int):
+    if cfg.interpret:
+        return None
+    # Passing Triton params also pins the Triton lowering (rather than Mosaic GPU).
+    from jax.experimental.pallas import triton as pl_triton
+
+    return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, has_seg: bool):
     carry = (jnp.zeros((bq, q.shape[-1]), jnp.float32),
              jnp.full((bq,), MASK_VALUE, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    if cfg.causal:
+    if cfg.causal:  # blocks below the diagonal skip the mask; blocks above it are not visited
         n_full, n_end = _causal_kv_bounds(cfg, q_start, bq, bk, n_kv)
         carry = lax.fori_loop(0, n_full, functools.partial(body, causal=False), carry)
         carry = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), carry)
@@ -154,23 +164,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, has_seg: bool):
     acc, m, l = carry
     # l >= 1: the row maximum itself contributes exp2(0).
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log2(l)
-
-
-def _compiler_params(cfg: _Config, head_dim: int):
-    if cfg.interpret:
-        return None
-    # Passing Triton params also pins the Triton lowering (rather than Mosaic GPU).
-    from jax.experimental.pallas import triton as pl_triton
-
-    return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    lse_ref[...] = m + jnp.log(l) * LOG2E  # base-2 log-sum-exp, as the backward expects
 
 
 def _fwd(q, k, v, seg, cfg: _Config):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
-    bq, bk = cfg.block_q, cfg.block_k
+    bq = cfg.block_q
     in_specs = [
         pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((None, S, None, H), lambda i, b, h: (b, 0, h // G, 0)),
@@ -236,17 +237,17 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
         dk = dk + _dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
-    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     if cfg.causal:
         n_lo, n_part = _causal_q_bounds(cfg, k_start, bq, bk, n_q)
-    # The group is small (<= 8 or so) and static: unroll it rather than index heads dynamically.
-    for g in range(group):
+
+    def head(g, carry):  # the q heads sharing this kv head accumulate into one dk/dv
         if cfg.causal:
             carry = lax.fori_loop(n_lo, n_part, functools.partial(body, g=g, causal=True), carry)
-            carry = lax.fori_loop(n_part, n_q, functools.partial(body, g=g, causal=False), carry)
-        else:
-            carry = lax.fori_loop(0, n_q, functools.partial(body, g=g, causal=False), carry)
-    dk, dv = carry
+            return lax.fori_loop(n_part, n_q, functools.partial(body, g=g, causal=False), carry)
+        return lax.fori_loop(0, n_q, functools.partial(body, g=g, causal=False), carry)
+
+    dk, dv = lax.fori_loop(0, group, head,
+                           (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
     dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -305,20 +306,15 @@ def _bwd(cfg: _Config, res, do):
     params = _compiler_params(cfg, H)
 
     # dk/dv: one program per (kv block, batch, kv head); it walks all q blocks of the G q heads.
-    in_specs = [
-        pl.BlockSpec((None, T, G, H), lambda j, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, bk, None, H), lambda j, b, h: (b, j, h, 0)),
-        pl.BlockSpec((None, bk, None, H), lambda j, b, h: (b, j, h, 0)),
-        pl.BlockSpec((None, T, G, H), lambda j, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, G, T), lambda j, b, h: (b, h, 0)),
-        pl.BlockSpec((None, G, T), lambda j, b, h: (b, h, 0)),
-    ]
+    kv_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, h: (b, j, h, 0))
+    group_spec = pl.BlockSpec((None, T, G, H), lambda j, b, h: (b, 0, h, 0))
+    group_rows = pl.BlockSpec((None, G, T), lambda j, b, h: (b, h, 0))
+    in_specs = [group_spec, kv_spec, kv_spec, group_spec, group_rows, group_rows]
     args = [q, k, v, do, lse, delta]
     if has_seg:
         in_specs += [pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
                      pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
         args += [seg, seg]
-    kv_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, has_seg=has_seg),
         grid=(S // bk, B, K),
@@ -332,13 +328,9 @@ def _bwd(cfg: _Config, res, do):
 
     # dq: one program per (q block, batch, q head); it walks the kv blocks of its kv head.
     q_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
-    row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-    in_specs = [
-        q_spec,
-        pl.BlockSpec((None, S, None, H), lambda i, b, h: (b, 0, h // G, 0)),
-        pl.BlockSpec((None, S, None, H), lambda i, b, h: (b, 0, h // G, 0)),
-        q_spec, row_spec, row_spec,
-    ]
+    full_kv = pl.BlockSpec((None, S, None, H), lambda i, b, h: (b, 0, h // G, 0))
+    rows = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+    in_specs = [q_spec, full_kv, full_kv, q_spec, rows, rows]
     args = [q, k, v, do, lse, delta]
     if has_seg:
         in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
@@ -374,14 +366,17 @@ _flash.defvjp(_flash_fwd, _bwd)
 # Public entry point
 
 
-def _default_blocks(head_dim: int) -> tuple[int, int, int, int]:
-    """(block_q, block_k, block_q_bwd, block_k_bwd): FlashAttention-2-like tiles sized so the fp32
-    accumulators fit in registers; the backward keeps two accumulators, hence smaller tiles."""
-    if head_dim <= 64:
+def _default_blocks(row_bytes: int) -> tuple[int, int, int, int]:
+    """(block_q, block_k, block_q_bwd, block_k_bwd) for rows of head_dim * itemsize bytes:
+    FlashAttention-2-like tiles, shrunk for wide rows so the fp32 accumulators stay in registers
+    and the tiles in shared memory; the backward keeps two accumulators, hence smaller tiles."""
+    if row_bytes <= 128:  # bf16 head_dim 64
         return 128, 64, 64, 64
-    if head_dim <= 128:
+    if row_bytes <= 256:  # bf16 128, fp32 64
         return 128, 64, 64, 32
-    return 64, 32, 32, 32
+    if row_bytes <= 512:  # bf16 256, fp32 128
+        return 64, 32, 32, 32
+    return 32, 16, 16, 16
 
 
 def _check_block(name: str, value: int):
@@ -396,9 +391,9 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
 
     segment_ids [B, T] (self-attention only, T == S): tokens attend within their segment.
     causal: query t sees keys s <= t + (S - T). sm_scale defaults to H ** -0.5.
-    interpret: run the Pallas kernels in the interpreter (CPU tests); otherwise GPU (Triton) or
-    TPU (splash attention) is required. block_q / block_k (powers of 2) override the tile sizes
-    of the forward and backward kernels alike.
+    interpret: run the Pallas kernels in the interpreter (CPU tests); otherwise a GPU (Triton)
+    or a TPU (splash attention) is required. block_q / block_k (powers of 2) override the tile
+    sizes of the forward and backward kernels alike.
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -406,6 +401,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
         raise ValueError(f"k and v must be [B, S, K, H] matching q {q.shape}: {k.shape}, {v.shape}")
     if N % K:
         raise ValueError(f"q heads ({N}) must be a multiple of kv heads ({K})")
+    if not q.dtype == k.dtype == v.dtype:  # the kernels' matmuls need one operand type
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if segment_ids is not None and (T != S or segment_ids.shape != (B, T)):
         raise ValueError(f"segment_ids must be [B, T] = {(B, T)} with q_len == kv_len, "
                          f"got {segment_ids.shape} and kv_len {S}")
@@ -431,7 +428,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
     # transpose is a slice) and the kernels only ever see whole tiles. Padded keys are masked by
     # position; padded query rows are computed and dropped.
     Hp = max(_MIN_BLOCK, pl.next_power_of_2(H))  # Triton tiles must be powers of 2
-    defaults = _default_blocks(H)
+    defaults = _default_blocks(Hp * jnp.dtype(q.dtype).itemsize)
     fit_q = max(_MIN_BLOCK, pl.next_power_of_2(T))  # no tile larger than the sequence needs
     fit_k = max(_MIN_BLOCK, pl.next_power_of_2(S))
     bq_f, bq_b = (min(block_q or d, fit_q) for d in (defaults[0], defaults[2]))

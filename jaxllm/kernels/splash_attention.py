@@ -47,8 +47,8 @@ def splash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale
     try:
         from jax.experimental.pallas.ops.tpu import splash_attention as splash
     except ImportError as e:  # splash ships inside jax; a build without it cannot run this path
-        raise RuntimeError("this JAX build has no splash attention "
-                           "(jax.experimental.pallas.ops.tpu.splash_attention); use impl='xla'") from e
+        raise RuntimeError("this JAX build has no splash attention (jax.experimental.pallas."
+                           "ops.tpu.splash_attention); use impl='xla'") from e
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K

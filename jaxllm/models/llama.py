@@ -49,6 +49,8 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; params are always fp32
     attention: Literal["xla", "cudnn", "pallas"] = "xla"
     remat: Literal["none", "full", "save_dots"] = "none"
+    # False unrolls the layer loop: longer compiles, but faster small models (e.g. on CPU).
+    scan_layers: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -237,7 +239,7 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens_BT, positions=None, seg
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
-    x, _ = jax.lax.scan(lambda x, p: (layer(x, p), None), x, params["layers"])
+    x, _ = jax.lax.scan(lambda x, p: (layer(x, p), None), x, params["layers"], unroll=not cfg.scan_layers)
     return rms_norm(x, params["final_norm"], cfg.norm_eps)
 
 

@@ -1,0 +1,77 @@
+"""Kill a run (SIGKILL, or SIGTERM on another device count) and resume: same final loss."""
+
+import json
+import os
+import signal
+import subprocess
+
+import pytest
+
+from conftest import ROOT, TOTAL, losses as _losses, train_cmd as _cmd, train_run as _run
+
+
+@pytest.fixture(scope="module")
+def setup(trained_run):
+    base, env, ref_dir = trained_run
+    return base, env, _losses(ref_dir)
+
+
+
+def _start_and_signal(base, run_dir, env, sig, at_step, *extra):
+    """Starts a run and sends `sig` once it has logged `at_step` (mid-run, never at the end)."""
+    proc = subprocess.Popen(_cmd(base, run_dir, *extra), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line).get("step", -1) >= at_step and "loss" in line:
+            proc.send_signal(sig)
+            break
+    proc.stdout.read()
+    return proc.wait(timeout=120)
+
+
+def test_sigkill_then_resume_equals_uninterrupted(setup):
+    base, env, ref = setup
+    run_dir = base / "killed"
+    rc = _start_and_signal(base, run_dir, env, signal.SIGKILL, 10)
+    assert rc == -signal.SIGKILL
+    steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+    assert steps and steps[-1] < TOTAL  # killed mid-run, with at least one complete checkpoint
+    out = _run(base, run_dir, env)
+    assert f"resuming from step {steps[-1]}" in out
+    got = _losses(run_dir)
+    assert sorted(got) == sorted(ref)  # steps redone after the checkpoint are logged once
+    assert got[TOTAL] == pytest.approx(ref[TOTAL], rel=1e-6, abs=1e-7)
+    for step in range(steps[-1] + 1, TOTAL + 1):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_saves_and_resumes_on_another_device_count(setup):
+    base, env, ref = setup
+    run_dir = base / "preempted"
+    two = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    rc = _start_and_signal(base, run_dir, two, signal.SIGTERM, 6)
+    assert rc == 143
+    steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+    saved = steps[-1]
+    assert 6 <= saved < TOTAL  # saved on SIGTERM, mid-run
+    out = _run(base, run_dir, env)  # one device now
+    assert f"resuming from step {saved}" in out
+    got = _losses(run_dir)
+    for step in range(saved + 1, TOTAL + 1):
+        assert got[step] == pytest.approx(ref[step], rel=1e-4)
+
+
+def test_run_dir_holds_config_metrics_events_and_last_k_checkpoints(setup):
+    base, env, ref = setup
+    run_dir = base / "ref"
+    from jaxllm.config import load_config
+
+    cfg = load_config(str(run_dir / "config.yaml"))
+    assert cfg.trainer.total_steps == TOTAL and cfg.model.d_model == 32
+    assert sorted(ref) == list(range(1, TOTAL + 1))
+    assert ref[TOTAL] < ref[1]
+    steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+    assert steps == [TOTAL - 4, TOTAL]  # checkpoint.keep = 2
+    events = [f for f in os.listdir(run_dir / "tensorboard") if "tfevents" in f]
+    data = b"".join((run_dir / "tensorboard" / f).read_bytes() for f in events)
+    assert b"loss" in data and b"grad_norm" in data and b"eval_loss" in data
