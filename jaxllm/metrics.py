@@ -62,7 +62,11 @@ class MetricsLogger:
         if self._bar is not None:
             if advance:
                 self._bar.update(advance)
-            shown = {k: clean[k] for k in ("loss", "eval_loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
+            if "eval_loss" in clean:
+                self._bar.write(f"step {step}: eval loss {clean['eval_loss']:.4f}, "
+                                f"perplexity {clean.get('eval_ppl', float('nan')):.2f}")
+                return
+            shown = {k: clean[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
             self._bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
                                   refresh=True)
         elif "loss" in clean or "eval_loss" in clean:

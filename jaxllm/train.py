@@ -220,7 +220,7 @@ def train(cfg: config_lib.Config) -> dict:
                     m["mfu"] = flops_per_step / dt / (peak * 1e12 * jax.device_count())
                 last_time, last_step = now, p_step
                 summary["last_loss"] = m["loss"]
-                logger.log(p_step, m)
+                logger.log(p_step, m, advance=1)
                 pending = None
             if step % cfg.logging.every_steps == 0 or step == t.total_steps:
                 pending = (step, metrics)

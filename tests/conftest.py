@@ -27,7 +27,7 @@ def trained_run(tmp_path_factory):
     for name in ("textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "heapq.py", "shlex.py", "fnmatch.py"):
         shutil.copy(os.path.join(stdlib, name), corpus / name)
     (base / "cfg.yaml").write_text(f"""
-model: {{vocab_size: 320, d_model: 32, n_layers: 2, n_heads: 2, n_kv_heads: 1, d_ff: 64, dtype: float32}}
+model: {{vocab_size: 512, d_model: 32, n_layers: 2, n_heads: 2, n_kv_heads: 1, d_ff: 64, dtype: float32}}
 data: {{train: ["{corpus}"], eval: ["{corpus}/heapq.py"], seq_len: 32,
         tokenizer_cache_dir: "{base}/tok"}}
 schedule: {{warmup_steps: 2}}

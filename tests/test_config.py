@@ -51,7 +51,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("checkpoint.every_steps=1.5", "checkpoint.every_steps: expected an integer"),
     ("mesh.tensor=0", "mesh.data, mesh.fsdp and mesh.tensor must be positive or -1"),
     ("model.n_kv_heads=3", "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
-    ("trainer.grad_accum_steps=5", "trainer.grad_accum_steps (5) must divide trainer.batch_size (16)"),
+    ("trainer.grad_accum_steps=5", "trainer.grad_accum_steps (5) must divide trainer.batch_size (32)"),
     ("bogus=1", "unknown key 'bogus'"),
 ])
 def test_bad_values_name_the_key(override, message):
@@ -78,7 +78,7 @@ def test_yaml_is_parsed_safely(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("model.attention=cudnn", "model.attention=cudnn needs an NVIDIA GPU, this machine has cpu devices; valid here: xla"),
     ("model.attention=pallas", "model.attention=pallas needs a GPU or TPU"),
-    ("mesh.data=3", "mesh: data*fsdp*tensor = 3 but there are 1 devices"),
+    ("mesh.data=3", "mesh: data*fsdp*tensor = 3 but there are 2 devices"),
 ])
 def test_cli_checks_config_against_the_machine(override, message):
     proc = subprocess.run([sys.executable, "-m", "jaxllm.train", "--config", "configs/tiny.yaml", override],

@@ -237,16 +237,23 @@ def test_eval_covers_every_token_once_and_is_deterministic(corpus):
     assert got == sorted((d[j], d[j + 1]) for d in docs for j in range(len(d) - 1))
     assert len(batches) == -(-mask.sum() // (4 * 64))  # all there is, last batch padded
     assert all(b["tokens"].shape == (4, 64) for b in batches)
+    # Fewer batches than the set holds: rows evenly spaced over the whole eval stream, the same
+    # on every call and every process layout.
     again = make_eval_batches(cfg, tok, 2, process_index=0, process_count=1)
     assert len(again) == 2
-    for a, b in zip(again, batches):
+    all_rows = [tuple(r) for r in rows["tokens"].tolist()]
+    picked = [tuple(r) for b in again for r in b["tokens"].tolist()]
+    n_real = int((rows["segment_ids"].max(axis=1) > 0).sum())
+    want_idx = np.linspace(0, n_real - 1, 8).round().astype(int)
+    assert picked == [all_rows[i] for i in want_idx]
+    for a, b in zip(again, make_eval_batches(cfg, tok, 2, process_index=0, process_count=1)):
         for k in FIELDS:
             np.testing.assert_array_equal(a[k], b[k])
     # Two processes get the two halves of each global batch.
     halves = [make_eval_batches(cfg, tok, 2, process_index=p, process_count=2) for p in (0, 1)]
     for g, (h0, h1) in enumerate(zip(*halves)):
         for k in FIELDS:
-            np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), batches[g][k])
+            np.testing.assert_array_equal(np.concatenate([h0[k], h1[k]]), again[g][k])
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

@@ -240,7 +240,7 @@ def test_convert_cli_round_trips_a_trained_run(trained_run, tmp_path):
         assert proc.returncode == 0, proc.stderr[-1500:]
     cfg, params = load_run(str(run_dir))
     model_cfg = dataclasses.replace(cfg.model, attention="xla")
-    tokens = np.array([[1, 17, 250, 33, 4, 98, 7, 300]])
+    tokens = np.array([[1, 17, 250, 33, 4, 98, 7, 500]])
     ours = np.asarray(forward(model_cfg, params, jnp.asarray(tokens)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
     with torch.no_grad():

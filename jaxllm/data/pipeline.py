@@ -29,6 +29,8 @@ from jaxllm.data.packing import PackIterDataset
 # Tokens of packed rows shuffled together (memory ~20 bytes per token; a restore re-reads up to
 # one window).
 ROW_SHUFFLE_TOKENS = 1 << 19
+# Eval batches sample rows evenly from at most this many times the rows they need.
+EVAL_SCAN_ROWS_FACTOR = 64
 # Seed of the fixed eval-document order; not data.seed, so eval batches match across runs.
 _EVAL_ORDER_SEED = 0
 
@@ -163,12 +165,17 @@ def make_eval_batches(cfg, tokenizer, num_batches: int, *, process_index: int | 
     docs = grain.MapDataset.source(source).shuffle(seed=_EVAL_ORDER_SEED)
     ids = docs.map(Tokenize(tokenizer, d.add_bos, d.add_eos))
     rows_it = PackIterDataset(ids.to_iter_dataset(_read_options(0)), d.seq_len, tokenizer.pad_id).__iter__()
-    # Every process builds the same global rows and keeps its slice of each global batch.
-    global_rows = []
+    # Every process builds the same global rows and keeps its slice of each global batch. Rows
+    # are taken evenly spaced over the whole eval stream (up to EVAL_SCAN_ROWS_FACTOR times the
+    # rows needed), so a few unusual documents at its start cannot dominate the estimate.
+    wanted = num_batches * cfg.trainer.batch_size
+    all_rows = []
     for row in rows_it:
-        global_rows.append(row)
-        if len(global_rows) == num_batches * cfg.trainer.batch_size:
+        all_rows.append(row)
+        if len(all_rows) == wanted * EVAL_SCAN_ROWS_FACTOR:
             break
+    picks = np.linspace(0, len(all_rows) - 1, min(wanted, len(all_rows))).round().astype(int)
+    global_rows = [all_rows[i] for i in picks]
     pad = -len(global_rows) % cfg.trainer.batch_size
     global_rows += [_padding_row(d.seq_len, tokenizer.pad_id)] * pad
     out = []
