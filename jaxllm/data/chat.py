@@ -1,0 +1,511 @@
+"""Chat SFT data: conversations -> chat template -> (ids, loss mask) -> packed rows.
+
+A conversation is a `messages` list of `{"role": "system"|"user"|"assistant", "content": str}`
+(the tulu-3-sft-mixture / SmolTalk format).
+
+Templates are Jinja2 strings like Hugging Face's `chat_template`, rendered in a sandbox with
+transformers' settings (trim_blocks, lstrip_blocks, loop controls, `raise_exception`) and the
+variables `messages`, `bos_token`, `eos_token`, `add_generation_prompt`. The built-ins
+(`chatml`, `tulu`, `llama3`) are Jinja strings too, so every template goes through one path.
+
+Loss spans are found template-agnostically, as open-instruct does, by rendering the
+conversation prefix by prefix: for an assistant message i the text between
+render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is the reply
+(content plus the turn's end marker / eos); the role header before it and whitespace after it
+are not trained on. Each such piece is tokenized on its own and the ids concatenated, so the
+token boundaries always coincide with the span boundaries (tokenizing the whole string could
+merge tokens across a boundary) and the prompt is tokenized exactly as at inference, where the
+generation prompt is tokenized alone. A template whose renders are not prefixes of each other
+(e.g. one that rewrites earlier turns) raises `TemplateError`.
+
+Packing (`pack_examples`, `SFTRows`) keeps conversations whole: the packer in packing.py splits
+documents across rows and carries no per-token mask, so a small greedy packer lives here.
+Row contract as in packing.py (tokens, targets, positions, segment_ids int32; loss_mask
+float32; all [seq_len]) except that loss_mask is 1 only where the *target* is an assistant
+token. Whether the loss is averaged over those tokens per batch (`reduce_loss: mean`) or
+summed (`sum`, so long replies weigh more) is the trainer's choice; rows just carry the mask.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import json
+import logging
+import os
+import re
+import threading
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from jaxllm.data import sources
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+TRUNCATION = ("truncate_end", "drop")
+
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # open-instruct's tulu template (the last assistant turn gets no trailing newline).
+    "tulu": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+        "{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        "{% endfor %}"),
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
+}
+
+
+class TemplateError(ValueError):
+    """A template that does not compile, or does not render conversation prefixes consistently."""
+
+
+class ConversationError(ValueError):
+    """A malformed conversation; `reason` is the skip-count key (no message index in it)."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}{': ' + detail if detail else ''}")
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+class ChatTemplate:
+    """A compiled Jinja2 chat template."""
+
+    def __init__(self, source: str, name: str = "<template>"):
+        from jinja2 import TemplateSyntaxError
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(f"{name}: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self._template = env.from_string(source)
+        except TemplateSyntaxError as e:
+            raise TemplateError(f"{name}: bad Jinja template: {e}") from e
+        self.source, self.name = source, name
+
+    def render(self, messages: Sequence[dict], *, bos_token: str = "", eos_token: str = "",
+               add_generation_prompt: bool = False) -> str:
+        return self._template.render(messages=list(messages), bos_token=bos_token, eos_token=eos_token,
+                                     add_generation_prompt=add_generation_prompt)
+
+    def __repr__(self) -> str:
+        return f"ChatTemplate({self.name})"
+
+
+def load_template(spec: str | ChatTemplate | None = None, tokenizer=None) -> ChatTemplate:
+    """A template from a built-in name, a `tokenizer_config.json` path (or its folder), a Jinja
+    string, or (spec None) the tokenizer's own `chat_template`."""
+    if isinstance(spec, ChatTemplate):
+        return spec
+    if spec is None:
+        source = getattr(tokenizer, "chat_template", None)
+        if source is None:
+            raise TemplateError("no chat template given and the tokenizer has none")
+        return ChatTemplate(_pick_template(source, "tokenizer"), "tokenizer chat_template")
+    if spec in BUILTIN_TEMPLATES:
+        return ChatTemplate(BUILTIN_TEMPLATES[spec], spec)
+    if "{{" in spec or "{%" in spec:
+        return ChatTemplate(spec)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        raise TemplateError(f"{spec}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}), "
+                            "a Jinja string, or a tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if "chat_template" not in config:
+        raise TemplateError(f"{path}: no chat_template")
+    return ChatTemplate(_pick_template(config["chat_template"], path), path)
+
+
+def _pick_template(value, where: str) -> str:
+    # Newer configs may hold a list of named templates; SFT wants the default one.
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if "default" not in named:
+            raise TemplateError(f"{where}: chat_template list has no 'default' ({', '.join(map(str, named))})")
+        value = named["default"]
+    if not isinstance(value, str):
+        raise TemplateError(f"{where}: chat_template is not a string")
+    return value
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _special_strings(tokenizer) -> dict[str, int]:
+    """bos/eos token text -> id. SentencePiece never matches control pieces in text, so the
+    template's bos/eos strings are mapped to their ids by hand (harmless for HF tokenizers)."""
+    out = {}
+    for name in ("bos", "eos"):
+        i = getattr(tokenizer, f"{name}_id")
+        if i is None or i < 0:
+            continue
+        text = getattr(tokenizer, f"{name}_token", None)
+        if text is None and hasattr(tokenizer, "id_to_piece"):
+            text = tokenizer.id_to_piece(i)
+        if text:
+            out[text] = i
+    return out
+
+
+def _encoder(tokenizer):
+    specials = _special_strings(tokenizer)
+    if not specials:
+        return tokenizer.encode
+    pattern = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+
+    def encode(text: str) -> list[int]:
+        ids = []
+        for k, part in enumerate(pattern.split(text)):
+            if k % 2:
+                ids.append(specials[part])
+            elif part:
+                ids += tokenizer.encode(part)
+        return ids
+    return encode
+
+
+def validate_messages(messages: Any) -> list[dict]:
+    """The conversation, or ConversationError saying what is wrong with it."""
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError("empty conversation" if isinstance(messages, list) else "messages is not a list")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConversationError("message lacks role or content", f"message {k}")
+        if m["role"] not in ROLES:
+            raise ConversationError("unknown role", f"message {k} has role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise ConversationError("content is not a string", f"message {k}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConversationError("no assistant turn")
+    return messages
+
+
+def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_token: str = "",
+                    eos_token: str = "") -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant) pieces, found prefix by prefix."""
+    render = lambda msgs, gen=False: template.render(msgs, bos_token=bos_token, eos_token=eos_token,
+                                                     add_generation_prompt=gen)
+
+    def check(prefix: str, text: str, what: str):
+        if not text.startswith(prefix):
+            raise TemplateError(
+                f"{template.name}: rendering is not prefix-consistent ({what}); the loss mask needs "
+                f"each conversation prefix to render as a prefix of the whole. Got {prefix[-60:]!r} "
+                f"vs {text[len(prefix) - 60:len(prefix) + 20]!r}")
+
+    segments: list[tuple[str, bool]] = []
+    prev = ""
+    for i, message in enumerate(messages):
+        cur = render(messages[:i + 1])
+        check(prev, cur, f"messages[:{i}] vs messages[:{i + 1}]")
+        if message["role"] != "assistant":
+            segments.append((cur[len(prev):], False))
+        else:
+            try:
+                head = render(messages[:i], True)
+            except Exception:
+                if i:
+                    raise
+                head = prev  # a template that cannot render no messages: locate the reply instead
+            if head == prev:  # the template ignores add_generation_prompt: find the reply itself
+                at = cur.find(message["content"].strip(), len(prev)) if message["content"].strip() else -1
+                if at < 0:
+                    raise TemplateError(f"{template.name}: cannot locate assistant message {i} in the "
+                                        "render (the template ignores add_generation_prompt)")
+                head = cur[:at]
+            check(prev, head, f"messages[:{i}] vs its generation prompt")
+            check(head, cur, f"generation prompt vs messages[:{i + 1}]")
+            reply = cur[len(head):]
+            body = reply.rstrip()  # trailing newline after the end marker: not the model's to predict
+            segments += [(head[len(prev):], False), (body, True), (reply[len(body):], False)]
+        prev = cur
+    return [(text, a) for text, a in segments if text]
+
+
+def tokenize_conversation(messages: Any, tokenizer, template: ChatTemplate | str, *, max_len: int,
+                          truncation: str = "truncate_end", add_bos: bool = False
+                          ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids int32, loss_mask int32) of one conversation; mask 1 on assistant reply tokens.
+
+    Longer than `max_len`: "truncate_end" cuts the end, "drop" returns None; None too when the
+    cut leaves no assistant token. Malformed conversations raise ConversationError.
+    `add_bos` prepends BOS unless the template already starts with it.
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+    messages = validate_messages(messages)
+    template = load_template(template, tokenizer)
+    specials = {i: s for s, i in _special_strings(tokenizer).items()}
+    encode = _encoder(tokenizer)
+    segments = render_segments(messages, template, bos_token=specials.get(tokenizer.bos_id, ""),
+                               eos_token=specials.get(tokenizer.eos_id, ""))
+    ids, mask = [], []
+    for text, is_assistant in segments:
+        piece = encode(text)
+        ids += piece
+        mask += [int(is_assistant)] * len(piece)
+    if add_bos and tokenizer.bos_id >= 0 and ids[:1] != [tokenizer.bos_id]:
+        ids, mask = [tokenizer.bos_id] + ids, [0] + mask
+    if len(ids) > max_len:
+        if truncation == "drop":
+            return None
+        ids, mask = ids[:max_len], mask[:max_len]
+    if not any(mask):
+        return None
+    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_examples(examples: Iterable[tuple[np.ndarray, np.ndarray]], seq_len: int,
+                  pad_id: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Greedily packs (ids, mask) examples of at most seq_len + 1 tokens into rows, whole.
+
+    An example of n tokens takes n - 1 positions (its (token, next token) pairs); one that does
+    not fit in the current row's remainder starts the next row (the rest is padding).
+    """
+    rows = _RowBuilder(seq_len, pad_id)
+    for ids, mask in examples:
+        n = len(ids) - 1
+        if n > seq_len:
+            raise ValueError(f"example of {len(ids)} tokens does not fit seq_len {seq_len} (max {seq_len + 1})")
+        if n < 1:
+            continue
+        if rows.filled + n > seq_len:
+            yield rows.flush()
+        rows.add(np.asarray(ids, np.int32), np.asarray(mask, np.float32))
+    if rows.filled:
+        yield rows.flush()
+
+
+class _RowBuilder:
+    def __init__(self, seq_len: int, pad_id: int):
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be > 0, got {seq_len}")
+        self.seq_len, self.pad_id = seq_len, pad_id
+        self._reset()
+
+    def _reset(self):
+        n = self.seq_len
+        self.row = {"tokens": np.full(n, self.pad_id, np.int32), "targets": np.full(n, self.pad_id, np.int32),
+                    "positions": np.zeros(n, np.int32), "segment_ids": np.zeros(n, np.int32),
+                    "loss_mask": np.zeros(n, np.float32)}
+        self.filled = self.segments = 0
+
+    def add(self, ids: np.ndarray, mask: np.ndarray):
+        a, n = self.filled, len(ids) - 1
+        self.segments += 1
+        self.row["tokens"][a:a + n] = ids[:-1]
+        self.row["targets"][a:a + n] = ids[1:]
+        self.row["positions"][a:a + n] = np.arange(n, dtype=np.int32)
+        self.row["segment_ids"][a:a + n] = self.segments
+        self.row["loss_mask"][a:a + n] = mask[1:]  # the loss is on predicting the target
+        self.filled += n
+
+    def flush(self) -> dict[str, np.ndarray]:
+        row = self.row
+        self._reset()
+        return row
+
+
+class SFTRows:
+    """Iterable of packed SFT rows from conversations (a ConversationSource or any iterable of
+    messages lists). Bad conversations are counted in `skipped` by reason (after an iteration),
+    or raise ConversationError naming the record when `strict`."""
+
+    def __init__(self, conversations: Iterable, tokenizer, template: ChatTemplate | str | None, seq_len: int, *,
+                 truncation: str = "truncate_end", strict: bool = False, add_bos: bool = False):
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+        self.conversations, self.tokenizer = conversations, tokenizer
+        self.template = load_template(template, tokenizer)
+        self.seq_len, self.truncation, self.strict, self.add_bos = seq_len, truncation, strict, add_bos
+        self.skipped: collections.Counter = collections.Counter()
+        self.kept = 0
+
+    def examples(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        self.skipped, self.kept = collections.Counter(), 0
+        where = getattr(self.conversations, "where", lambda i: f"record {i}")
+        for i, messages in enumerate(self.conversations):
+            try:
+                ex = tokenize_conversation(messages, self.tokenizer, self.template, max_len=self.seq_len + 1,
+                                           truncation=self.truncation, add_bos=self.add_bos)
+            except ConversationError as e:
+                if self.strict:
+                    raise ConversationError(f"{where(i)}: {e}") from e
+                self.skipped[e.reason] += 1
+                continue
+            if ex is None:
+                self.skipped["too long" if self.truncation == "drop" else "no assistant token after truncation"] += 1
+                continue
+            self.kept += 1
+            yield ex
+        if self.skipped:
+            log.warning("SFT: skipped %d of %d conversations (%s)", sum(self.skipped.values()),
+                        sum(self.skipped.values()) + self.kept,
+                        ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())))
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        return pack_examples(self.examples(), self.seq_len, self.tokenizer.pad_id)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class ConversationSource:
+    """Random-access conversations (messages lists) from jsonl / parquet files.
+
+    Files are resolved like pretraining sources (`sources.resolve_files`: files, folders, globs).
+    The index holds positions, not records: jsonl by (file, byte offset, length) like
+    `JsonlSource`, parquet by (file, row group, row) read one row group at a time like
+    `ParquetSource`. Records that are not JSON or lack a list `messages_field` are counted in
+    `skipped` (strict: SourceError naming file and line/row); message-level checks happen at
+    tokenization.
+    """
+
+    def __init__(self, path_specs: str | Sequence[str], messages_field: str = "messages", *,
+                 strict: bool = False, cache_row_groups: int = 4):
+        specs = [path_specs] if isinstance(path_specs, str) else list(path_specs)
+        self.files = [f for spec in specs for f in sources.resolve_files(spec)
+                      if f.endswith(sources.JSONL_SUFFIXES + sources.PARQUET_SUFFIXES)]
+        if not self.files:
+            raise sources.SourceError(f"{', '.join(specs)}: no .jsonl or .parquet files")
+        self.field = messages_field
+        skips = sources._Skips(strict)
+        # (file id, offset | row group, length | row, line) per record, as compact arrays.
+        self._index = [array.array("i"), array.array("q"), array.array("q"), array.array("q")]
+        for file_id, path in enumerate(self.files):
+            if path.endswith(sources.JSONL_SUFFIXES):
+                self._index_jsonl(file_id, path, skips)
+            else:
+                self._index_parquet(file_id, path, skips)
+        self.skipped = skips.counts
+        skips.report(sources._describe(self.files), len(self))
+        self._cache_size = cache_row_groups
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _add(self, file_id: int, a: int, b: int, line: int = 0):
+        for arr, v in zip(self._index, (file_id, a, b, line)):
+            arr.append(v)
+
+    def _index_jsonl(self, file_id: int, path: str, skips):
+        offset = 0
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line.decode("utf-8"))
+                except ValueError as e:  # UnicodeDecodeError is a ValueError too
+                    skips("malformed JSON", f"{path}:{lineno}", str(e))
+                    continue
+                if self._check(obj.get(self.field) if isinstance(obj, dict) else None, f"{path}:{lineno}", skips):
+                    self._add(file_id, start, len(line), lineno)
+
+    def _index_parquet(self, file_id: int, path: str, skips):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if self.field not in pf.schema_arrow.names:
+            raise sources.SourceError(f"{path}: no column {self.field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        for rg in range(pf.num_row_groups):
+            column = pf.read_row_group(rg, columns=[self.field]).column(0)
+            nulls = column.is_null().to_numpy(zero_copy_only=False)
+            for row in range(len(column)):
+                value = None if nulls[row] else []  # list-typed column: only nulls are bad here
+                if self._check(value, f"{path}: row group {rg}, row {row}", skips):
+                    self._add(file_id, rg, row)
+
+    def _check(self, value, where: str, skips) -> bool:
+        if value is None:
+            skips(f"missing field {self.field!r}", where)
+        elif not isinstance(value, list):
+            skips(f"field {self.field!r} is not a list", where)
+        else:
+            return True
+        return False
+
+    def __len__(self) -> int:
+        return len(self._index[0])
+
+    def where(self, index: int) -> str:
+        file_id, a, b, line = (arr[index] for arr in self._index)
+        path = self.files[file_id]
+        if path.endswith(sources.JSONL_SUFFIXES):
+            return f"{path}:{line}"
+        return f"{path}: row group {a}, row {b}"
+
+    def __getitem__(self, index: int) -> list[dict]:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        file_id, a, b, _ = (arr[index] for arr in self._index)
+        path = self.files[file_id]
+        if path.endswith(sources.JSONL_SUFFIXES):
+            with open(path, "rb") as f:
+                f.seek(a)
+                return json.loads(f.read(b))[self.field]
+        return self._row_group(file_id, a)[b].as_py()
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        return (self[i] for i in range(len(self)))
+
+    def _row_group(self, file_id: int, rg: int):
+        key = (file_id, rg)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        import pyarrow.parquet as pq
+
+        column = pq.ParquetFile(self.files[file_id]).read_row_group(rg, columns=[self.field]).column(0)
+        with self._lock:
+            self._cache[key] = column
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return column
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"], state["_lock"] = collections.OrderedDict(), None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def read_conversations(path_specs: str | Sequence[str], messages_field: str = "messages", *,
+                       strict: bool = False) -> ConversationSource:
+    """The conversations of jsonl / parquet files, folders or globs, as a random-access source."""
+    return ConversationSource(path_specs, messages_field, strict=strict)
