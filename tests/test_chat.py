@@ -1,5 +1,6 @@
 """Chat SFT data: templates, loss masks, truncation, packing, readers, HF tokenizer."""
 
+import dataclasses
 import json
 import pickle
 import random
@@ -320,3 +321,27 @@ def test_hf_tokenizer(hf_dir, hf):
         HFTokenizer(str(bare_dir), bos_token="<nope>")
     with pytest.raises(FileNotFoundError):
         HFTokenizer(str(hf_dir / "missing.json"))
+
+
+def test_load_tokenizer_takes_a_hf_tokenizer_json_for_pretraining(hf_dir, hf, tmp_path):
+    """`data.tokenizer` may name a tokenizer.json (or its folder); the pretraining pipeline uses it."""
+    from jaxllm.config import Config, build
+    from jaxllm.data.pipeline import make_train_iterator
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    doc = "Hello! How are you? I am fine, thank you very much.\n" * 4
+    (tmp_path / "doc.txt").write_text(doc)
+    cfg = build(Config, {"data": {"train": [str(tmp_path / "doc.txt")], "tokenizer": str(hf_dir),
+                                  "seq_len": 16},
+                         "trainer": {"batch_size": 2}})
+    tok = load_tokenizer(cfg.data, vocab_size=hf.vocab_size)
+    assert type(tok).__name__ == "HFTokenizer" and tok.encode(doc) == hf.encode(doc)
+    as_file = dataclasses.replace(cfg.data, tokenizer=str(hf_dir / "tokenizer.json"))
+    assert load_tokenizer(as_file, vocab_size=hf.vocab_size).encode("Hi") == hf.encode("Hi")
+    batch = next(make_train_iterator(cfg, tok, process_index=0, process_count=1))
+    want = [hf.bos_id] + hf.encode(doc) + [hf.eos_id]
+    pairs = set(zip(want[:-1], want[1:]))
+    got = zip(batch["tokens"][batch["loss_mask"] > 0].tolist(), batch["targets"][batch["loss_mask"] > 0].tolist())
+    assert all(p in pairs for p in got)
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        load_tokenizer(cfg.data, vocab_size=hf.vocab_size - 1)

@@ -75,3 +75,21 @@ def test_run_dir_holds_config_metrics_events_and_last_k_checkpoints(setup):
     events = [f for f in os.listdir(run_dir / "tensorboard") if "tfevents" in f]
     data = b"".join((run_dir / "tensorboard" / f).read_bytes() for f in events)
     assert b"loss" in data and b"grad_norm" in data and b"eval_loss" in data
+
+
+def test_half_written_checkpoint_is_never_chosen(setup, tmp_path):
+    """A step directory orbax had not finalised (the process died mid-save) is ignored."""
+    import shutil
+
+    from jaxllm.checkpoint import Checkpointer, load_run
+
+    base, env, ref = setup
+    run_dir = tmp_path / "run"
+    shutil.copytree(base / "ref", run_dir)
+    ckpts = run_dir / "checkpoints"
+    partial = ckpts / f"{TOTAL + 4}.orbax-checkpoint-tmp-1763900000000000"
+    shutil.copytree(ckpts / str(TOTAL), partial)
+    shutil.rmtree(partial / "train")  # the optimizer state was never written
+    assert Checkpointer(str(run_dir)).latest_step() == TOTAL
+    cfg, params = load_run(str(run_dir))  # loads the complete one
+    assert cfg.trainer.total_steps == TOTAL

@@ -218,16 +218,24 @@ def _file_lock(path: str):
 
 
 def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
-    """The tokenizer `data_cfg.tokenizer` names; "auto" trains on `data_cfg.train` once, cached.
+    """The tokenizer `data_cfg.tokenizer` names (a SentencePiece .model, a Hugging Face
+    tokenizer.json or its folder); "auto" trains on `data_cfg.train` once, cached.
 
     Raises if the tokenizer has more pieces than the model's `vocab_size` (a larger, padded
     model vocabulary is fine).
     """
     if data_cfg.tokenizer != "auto":
         path = os.path.expanduser(data_cfg.tokenizer)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"data.tokenizer: no such SentencePiece model file: {path}")
-        tok = Tokenizer(path)
+        hf_json = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if hf_json.endswith("tokenizer.json") and os.path.isfile(hf_json):
+            from jaxllm.data.hf_tokenizer import HFTokenizer  # SmolLM2's, Llama 3's, Qwen2's
+
+            tok = HFTokenizer(hf_json)
+        elif os.path.isfile(path):
+            tok = Tokenizer(path)
+        else:
+            raise FileNotFoundError(f"data.tokenizer: no SentencePiece .model file or Hugging Face "
+                                    f"tokenizer.json (or folder holding one) at {path}")
     else:
         settings = train_settings(vocab_size)
         cache_dir = os.path.expanduser(data_cfg.tokenizer_cache_dir)
@@ -243,6 +251,6 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
                                         max_chars=settings["max_chars"])
         tok = Tokenizer(prefix + ".model")
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer {tok.path} has {tok.vocab_size} pieces but model.vocab_size is "
+        raise ValueError(f"tokenizer {getattr(tok, 'path', data_cfg.tokenizer)} has {tok.vocab_size} pieces but model.vocab_size is "
                          f"{vocab_size}; use a model vocab_size >= {tok.vocab_size}")
     return tok
