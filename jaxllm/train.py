@@ -130,12 +130,22 @@ class Trainer:
 
 
 class _Preempted:
+    """SIGTERM sets a flag; with several processes they agree on it, so all save the same step."""
+
     def __init__(self):
-        self.flag = False
+        self._flag = False
         self._old = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.flag = True
+        self._flag = True
+
+    @property
+    def flag(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
 
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
@@ -230,10 +240,11 @@ def train(cfg: config_lib.Config) -> dict:
                 ev = trainer.evaluate(state.params, eval_batches)
                 summary["final_eval_loss"] = ev["eval_loss"]
                 logger.log(step, ev)
-            save_now = step % cfg.checkpoint.every_steps == 0 or step == t.total_steps or preempted.flag
+            stop = preempted.flag  # a collective on multi-host runs: read it once per step
+            save_now = step % cfg.checkpoint.every_steps == 0 or step == t.total_steps or stop
             if ckpt and save_now:
                 ckpt.save(step, state, train_iter.get_state())
-            if preempted.flag:
+            if stop:
                 logger.write(f"SIGTERM: saved a checkpoint at step {step}, exiting")
                 if ckpt:
                     ckpt.wait()
@@ -308,7 +319,7 @@ def main(argv=None) -> int:
     if cfg is None:
         return 2
     summary = train(cfg)
-    if "final_eval_loss" in summary:
+    if "final_eval_loss" in summary and jax.process_index() == 0:
         print(f"done: step {summary['final_step']}, eval loss "
               f"{summary.get('initial_eval_loss', float('nan')):.3f} -> {summary['final_eval_loss']:.3f}")
     return 0
