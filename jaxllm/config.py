@@ -258,7 +258,7 @@ def build(cls, raw: dict, prefix: str = ""):
 
 def validate(cfg: Config) -> None:
     """Cross-field checks that no single field's type can express."""
-    t, d, m = cfg.trainer, cfg.data, cfg.model
+    t, d = cfg.trainer, cfg.data
     checks = [
         (t.total_steps > 0, "trainer.total_steps must be > 0"),
         (t.batch_size > 0, "trainer.batch_size must be > 0"),

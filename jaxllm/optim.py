@@ -72,10 +72,11 @@ def weight_decay_mask(params):
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def make_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, schedule: optax.Schedule, decay_mask=weight_decay_mask) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with weight decay where `decay_mask` says."""
     chain = []
     if opt_cfg.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
     chain.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                             weight_decay=opt_cfg.weight_decay, mask=weight_decay_mask))
+                             weight_decay=opt_cfg.weight_decay, mask=decay_mask))
     return optax.chain(*chain)

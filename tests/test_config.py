@@ -4,9 +4,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
-from jaxllm.config import Config, ConfigError, build, dump_yaml, load_config
+from jaxllm.config import Config, ConfigError, dump_yaml, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

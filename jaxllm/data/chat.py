@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -410,9 +409,7 @@ class ConversationSource:
                 self._index_parquet(file_id, path, skips)
         self.skipped = skips.counts
         skips.report(sources._describe(self.files), len(self))
-        self._cache_size = cache_row_groups
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._groups_cache = sources.RowGroupCache(self.files, self.field, cache_row_groups)
 
     def _add(self, file_id: int, a: int, b: int, line: int = 0):
         for arr, v in zip(self._index, (file_id, a, b, line)):
@@ -475,34 +472,10 @@ class ConversationSource:
             with open(path, "rb") as f:
                 f.seek(a)
                 return json.loads(f.read(b))[self.field]
-        return self._row_group(file_id, a)[b].as_py()
+        return self._groups_cache.get(file_id, a)[b].as_py()
 
     def __iter__(self) -> Iterator[list[dict]]:
         return (self[i] for i in range(len(self)))
-
-    def _row_group(self, file_id: int, rg: int):
-        key = (file_id, rg)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        import pyarrow.parquet as pq
-
-        column = pq.ParquetFile(self.files[file_id]).read_row_group(rg, columns=[self.field]).column(0)
-        with self._lock:
-            self._cache[key] = column
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return column
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_cache"], state["_lock"] = collections.OrderedDict(), None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def read_conversations(path_specs: str | Sequence[str], messages_field: str = "messages", *,

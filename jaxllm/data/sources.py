@@ -173,6 +173,37 @@ def _jsonl_text(line: bytes, field: str, where: str, skips: _Skips) -> str | Non
     return None
 
 
+class RowGroupCache:
+    """A small LRU of parquet row groups (one column each), safe for grain's reader threads and
+    picklable for worker processes (the copy starts empty)."""
+
+    def __init__(self, files: Sequence[str], column: str, size: int):
+        self.files, self.column, self.size = files, column, size
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file_id: int, rg: int):
+        key = (file_id, rg)
+        with self._lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        import pyarrow.parquet as pq
+
+        column = pq.ParquetFile(self.files[file_id]).read_row_group(rg, columns=[self.column]).column(0)
+        with self._lock:
+            self._cache[key] = column
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
+        return column
+
+    def __getstate__(self):
+        return {"files": self.files, "column": self.column, "size": self.size}
+
+    def __setstate__(self, state):
+        self.__init__(state["files"], state["column"], state["size"])
+
+
 class ParquetSource:
     """One document per row of column `text_field`, read one row group at a time.
 
@@ -205,41 +236,15 @@ class ParquetSource:
         self._rows = np.concatenate(rows)
         self.skipped = skips.counts
         skips.report(_describe(self.files), len(self))
-        self._cache_size = cache_row_groups
-        self._cache: collections.OrderedDict = collections.OrderedDict()
-        self._lock = threading.Lock()  # grain may read from several threads
+        self._groups_cache = RowGroupCache(self.files, self.text_field, cache_row_groups)
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def _row_group(self, file_id: int, rg: int):
-        key = (file_id, rg)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        import pyarrow.parquet as pq
-
-        column = pq.ParquetFile(self.files[file_id]).read_row_group(rg, columns=[self.text_field]).column(0)
-        with self._lock:
-            self._cache[key] = column
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
-        return column
-
     def __getitem__(self, index: int) -> str:
-        column = self._row_group(int(self._file_ids[index]), int(self._groups[index]))
+        column = self._groups_cache.get(int(self._file_ids[index]), int(self._groups[index]))
         value = column[int(self._rows[index])].as_py()
         return value.decode("utf-8") if isinstance(value, bytes) else value
-
-    def __getstate__(self):  # picklable for grain worker processes: drop the lock and cache
-        state = dict(self.__dict__)
-        state["_cache"], state["_lock"] = collections.OrderedDict(), None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
 
 def _good_rows(column, where: str, field: str, skips: _Skips) -> np.ndarray:

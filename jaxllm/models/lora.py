@@ -185,13 +185,10 @@ def adapter_decay_mask(adapters: dict):
 
 
 def make_lora_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW over the adapter tree, mirroring `jaxllm.optim.make_optimizer`."""
-    chain = []
-    if opt_cfg.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
-    chain.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                             weight_decay=opt_cfg.weight_decay, mask=adapter_decay_mask))
-    return optax.chain(*chain)
+    """AdamW over the adapter tree, as `jaxllm.optim.make_optimizer` with the adapters' decay mask."""
+    from jaxllm.optim import make_optimizer
+
+    return make_optimizer(opt_cfg, schedule, decay_mask=adapter_decay_mask)
 
 
 def lora_loss_fn(base_loss_fn, lora_cfg: LoraConfig, base_params: dict):
