@@ -166,3 +166,28 @@ def save_params(model_cfg, params, out_dir: str, cfg=None) -> None:
     mngr.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
     mngr.wait_until_finished()
     mngr.close()
+
+
+def load_init_params(model_cfg, path: str):
+    """Host params for `model.init_from`, checked against `model_cfg`'s shapes."""
+    from jaxllm.models import param_shapes
+
+    path = os.path.expanduser(path)
+    if os.path.exists(os.path.join(path, "config.json")):
+        from jaxllm.models.hf import load_hf_checkpoint
+
+        _, params = load_hf_checkpoint(path)
+    elif os.path.exists(os.path.join(path, "config.yaml")):
+        _, params = load_run(path)
+    else:
+        raise FileNotFoundError(f"model.init_from: {path} is neither a jaxllm run/params directory "
+                                "(config.yaml) nor a Hugging Face directory (config.json)")
+    want = jax.tree_util.tree_flatten_with_path(param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    wrong = [f"{jax.tree_util.keystr(k)}: expected {shape}, found {'missing' if k not in got else tuple(got[k].shape)}"
+             for k, shape in want if k not in got or tuple(got[k].shape) != tuple(shape)]
+    extra = sorted(jax.tree_util.keystr(k) for k in set(got) - {k for k, _ in want})
+    if wrong or extra:
+        raise ValueError(f"model.init_from {path} does not match the model config: "
+                         + "; ".join(wrong + [f"{e}: unexpected" for e in extra]))
+    return params

@@ -188,6 +188,13 @@ def train(cfg: config_lib.Config) -> dict:
         _trim_metrics(run_dir, resume_step)
     else:
         state = trainer.init_state(jax.random.PRNGKey(t.seed))
+        if cfg.model.init_from:
+            from jaxllm.checkpoint import load_init_params
+
+            loaded = load_init_params(cfg.model, cfg.model.init_from)
+            params = jax.tree.map(lambda a, s: jax.make_array_from_callback(
+                a.shape, s, lambda idx, a=a: np.asarray(a[idx], np.float32)), loaded, trainer.state_shardings.params)
+            state = state.replace(params=params)
     start = int(state.step)
 
     logger = MetricsLogger(run_dir, t.total_steps, progress_bar=cfg.logging.progress_bar,

@@ -93,3 +93,37 @@ def test_half_written_checkpoint_is_never_chosen(setup, tmp_path):
     assert Checkpointer(str(run_dir)).latest_step() == TOTAL
     cfg, params = load_run(str(run_dir))  # loads the complete one
     assert cfg.trainer.total_steps == TOTAL
+
+
+@pytest.mark.parametrize("source", ["run", "hf"])
+def test_init_from_a_run_or_hf_directory_starts_from_its_weights(setup, tmp_path, source):
+    """`model.init_from` loads the weights: step-0 eval equals the source run's final eval."""
+    import json
+    import subprocess
+    import sys
+
+    base, env, ref = setup
+    src = base / "ref"
+    if source == "hf":
+        src = tmp_path / "hf"
+        proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", "jaxllm-to-hf", "--checkpoint",
+                               str(base / "ref"), "--out", str(src)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+    run_dir = tmp_path / "continued"
+    _run(base, run_dir, env, f"model.init_from={src}", "trainer.total_steps=2", "checkpoint.every_steps=2")
+
+    def eval_at(d, step):
+        rows = [json.loads(line) for line in open(d / "metrics.jsonl")]
+        return next(r["eval_loss"] for r in rows if r["step"] == step and "eval_loss" in r)
+
+    assert eval_at(run_dir, 0) == pytest.approx(eval_at(base / "ref", TOTAL), rel=1e-5)
+    assert abs(eval_at(run_dir, 0) - eval_at(base / "ref", 0)) > 0.05  # not a fresh random init
+
+
+def test_init_from_with_other_shapes_names_the_tensors(setup, tmp_path):
+    base, env, ref = setup
+    proc = subprocess.run(_cmd(base, tmp_path / "bad", f"model.init_from={base / 'ref'}", "model.d_ff=96"),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "does not match the model config" in proc.stderr and "['layers']['w_up']: expected (2, 32, 96)" in proc.stderr

@@ -51,6 +51,9 @@ class ModelConfig:
     remat: Literal["none", "full", "save_dots"] = "none"
     # False unrolls the layer loop: longer compiles, but faster small models (e.g. on CPU).
     scan_layers: bool = True
+    # Start from these weights instead of a random init: a jaxllm run or params directory (e.g. a
+    # PMA merge) or a Hugging Face directory (config.json + safetensors). Shapes must match.
+    init_from: str = ""
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
