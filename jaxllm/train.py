@@ -139,10 +139,13 @@ class _Preempted:
     def _handle(self, signum, frame):
         self._flag = True
 
-    @property
-    def flag(self) -> bool:
+    def should_stop(self, step: int, every: int) -> bool:
         if jax.process_count() == 1:
             return self._flag
+        # The agreement is a collective that waits for the step in flight: do it only every
+        # `every` steps, not every step, so the host keeps dispatching ahead of the device.
+        if step % every:
+            return False
         from jax.experimental import multihost_utils
 
         return bool(np.any(multihost_utils.process_allgather(np.array(self._flag))))
@@ -247,7 +250,7 @@ def train(cfg: config_lib.Config) -> dict:
                 ev = trainer.evaluate(state.params, eval_batches)
                 summary["final_eval_loss"] = ev["eval_loss"]
                 logger.log(step, ev)
-            stop = preempted.flag  # a collective on multi-host runs: read it once per step
+            stop = preempted.should_stop(step, cfg.logging.every_steps)
             save_now = step % cfg.checkpoint.every_steps == 0 or step == t.total_steps or stop
             if ckpt and save_now:
                 ckpt.save(step, state, train_iter.get_state())

@@ -77,3 +77,29 @@ def test_two_process_sigkill_then_resume_equals_uninterrupted(two_process_ref):
     got = losses(run_dir)
     for step in range(steps[-1] + 1, TOTAL + 1):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(two_process_ref):
+    """Preemption often reaches hosts at different moments: they agree, and all save one step."""
+    base, env, ref_dir = two_process_ref
+    ref = losses(ref_dir)
+    run_dir = base / "mp-preempted"
+    procs = _spawn(base, run_dir, env, _free_port())
+    for line in procs[0].stdout:
+        if line.startswith("{") and "loss" in line and json.loads(line)["step"] >= 6:
+            break
+    procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+    procs[0].stdout.read()
+    assert [p.wait(timeout=120) for p in procs] == [143, 143]
+    steps = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+    saved = steps[-1]
+    assert 6 <= saved < TOTAL
+    data = sorted(os.listdir(run_dir / "checkpoints" / str(saved) / "data"))
+    assert [d for d in data if d.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
+    procs = _spawn(base, run_dir, env, _free_port())
+    out = procs[0].stdout.read()
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    assert f"resuming from step {saved}" in out
+    got = losses(run_dir)
+    for step in range(saved + 1, TOTAL + 1):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7)
