@@ -219,6 +219,7 @@ def train(cfg: config_lib.Config) -> dict:
     preempted = _Preempted()
     pending = None  # (step, device metrics) of the step before the one in flight
     last_time, last_step, compile_s = time.perf_counter(), start, None
+    paused = 0.0  # seconds spent in eval and checkpoint calls, kept out of step timing
     step = start
     try:
         while step < t.total_steps:
@@ -234,11 +235,11 @@ def train(cfg: config_lib.Config) -> dict:
                 p_step, p_metrics = pending
                 m = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
                 now = time.perf_counter()
-                dt = (now - last_time) / max(p_step - last_step, 1)
+                dt = (now - last_time - paused) / max(p_step - last_step, 1)
                 m |= {"step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
                 if peak:
                     m["mfu"] = flops_per_step / dt / (peak * 1e12 * jax.device_count())
-                last_time, last_step = now, p_step
+                last_time, last_step, paused = now, p_step, 0.0
                 summary["last_loss"] = m["loss"]
                 logger.log(p_step, m, advance=1)
                 pending = None
@@ -246,14 +247,19 @@ def train(cfg: config_lib.Config) -> dict:
                 pending = (step, metrics)
             else:
                 logger.advance(1)
-            if step % t.eval_every_steps == 0 or step == t.total_steps:
-                ev = trainer.evaluate(state.params, eval_batches)
-                summary["final_eval_loss"] = ev["eval_loss"]
-                logger.log(step, ev)
             stop = preempted.should_stop(step, cfg.logging.every_steps)
-            save_now = step % cfg.checkpoint.every_steps == 0 or step == t.total_steps or stop
-            if ckpt and save_now:
-                ckpt.save(step, state, train_iter.get_state())
+            do_eval = step % t.eval_every_steps == 0 or step == t.total_steps
+            do_save = ckpt is not None and (step % cfg.checkpoint.every_steps == 0 or step == t.total_steps or stop)
+            if do_eval or do_save:
+                jax.block_until_ready(metrics)  # the step's own time stays in the step timing
+                t0 = time.perf_counter()
+                if do_eval:
+                    ev = trainer.evaluate(state.params, eval_batches)
+                    summary["final_eval_loss"] = ev["eval_loss"]
+                    logger.log(step, ev)
+                if do_save:
+                    ckpt.save(step, state, train_iter.get_state())
+                paused += time.perf_counter() - t0
             if stop:
                 logger.write(f"SIGTERM: saved a checkpoint at step {step}, exiting")
                 if ckpt:
@@ -270,10 +276,17 @@ def train(cfg: config_lib.Config) -> dict:
         logger.close()
 
     summary["final_step"] = step
+    if t.sample_tokens > 0:
+        params = state.params
+        if jax.process_count() > 1:  # params may be sharded across hosts: every process gathers
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        params = jax.device_get(params)
     if t.sample_tokens > 0 and jax.process_index() == 0:
         from jaxllm.generate import sample_text
 
-        text = sample_text(cfg, jax.device_get(state.params), tokenizer, t.sample_prompt,
+        text = sample_text(cfg, params, tokenizer, t.sample_prompt,
                            max_new_tokens=t.sample_tokens, temperature=0.8, seed=t.seed)
         summary["sample"] = text
         print(f"\n--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}{text}\n---", flush=True)
