@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxllm.models.llama import ModelConfig, RopeScaling
+from jaxllm.models.lora import LoraConfig
 
 
 class ConfigError(ValueError):
@@ -107,8 +108,52 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """`task: sft`: data.train / data.eval hold conversations (`messages` lists)."""
+
+    # A built-in name (chatml, tulu, llama3), a Jinja2 string, or a tokenizer_config.json path.
+    template: str = "chatml"
+    messages_field: str = "messages"
+    truncation: Literal["truncate_end", "drop"] = "truncate_end"
+    # mean: average over the batch's assistant tokens; sum: summed over them (Tulu 3), divided
+    # only by the number of microbatches.
+    reduce_loss: Literal["mean", "sum"] = "mean"
+    # Unlikelihood (Welleck et al. 2020) on a record's negative reply tokens: weight * sum of
+    # -log(1 - p(token)); 0 turns it off. The negative reply is the record's `negative_field`.
+    unlikelihood_weight: float = 0.0
+    negative_field: str = "negative"
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """`task: dpo` (pairs: prompt, chosen, rejected) and `task: reward` (the same pairs)."""
+
+    loss_type: Literal["sigmoid", "dpo_norm", "ipo", "hinge", "rdpo", "simpo", "cpo", "orpo", "rrhf",
+                       "slic", "kto"] = "sigmoid"
+    beta: float = 0.1
+    gamma: float = 0.5
+    alpha: float = 0.01
+    delta: float = 1.0
+    nll_weight: float = 1.0
+    label_smoothing: float = 0.0
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0  # KTO
+    # cached: reference log-probs computed once before training into run_dir/reference_logps
+    # (the reference model is not kept in memory); live: a frozen reference copy (or the base
+    # model under LoRA) evaluated every step.
+    reference: Literal["cached", "live"] = "cached"
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # Prompts longer than this many tokens keep their end (0: no limit besides data.seq_len).
+    max_prompt_len: int = 0
+    # Reward models: Bradley-Terry with an optional per-pair margin from this field ("": none).
+    margin_field: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    task: Literal["pretrain"] = "pretrain"
+    task: Literal["pretrain", "sft", "dpo", "reward"] = "pretrain"
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -117,6 +162,9 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    sft: SFTConfig = SFTConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 # ----------------------------------------------------------------------------- YAML and overrides
@@ -313,6 +361,7 @@ def dump_yaml(cfg, path: str) -> None:
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "OptimizerConfig", "ScheduleConfig", "TrainerConfig",
-    "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling",
+    "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling", "SFTConfig",
+    "PreferenceConfig", "LoraConfig",
     "load_config", "build", "validate", "to_dict", "dump_yaml", "apply_override",
 ]
