@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     if cfg is None:
         return 2
     trainer = Trainer(cfg, mesh_from_config(cfg.mesh))
-    state = trainer.init_state(jax.random.PRNGKey(0))
+    state = trainer.fresh_state()
     batch = trainer.to_global(random_batch(cfg, np.random.default_rng(0)))
 
     t0 = time.perf_counter()

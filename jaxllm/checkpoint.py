@@ -122,16 +122,23 @@ class Checkpointer:
 # ----------------------------------------------------------------------------- params-only access
 
 
+def _abstract(fn, sharding=None):
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), jax.eval_shape(fn))
+
+
 def _abstract_params(model_cfg, sharding=None):
+    """Abstract decoder params (no objective extras, no adapters)."""
     from jaxllm.models import init_params
 
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0)))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+    return _abstract(lambda: init_params(model_cfg, jax.random.PRNGKey(0)), sharding)
 
 
 def load_run(run_dir: str, step: int | None = None):
-    """(Config, params) of the newest complete checkpoint of a run (or of `save_params` output)."""
+    """(Config, model params) of the newest complete checkpoint of a run (or of `save_params`
+    output). Model params include objective extras (a reward head); a LoRA run's adapters are
+    folded into its base model (rebuilt from the run's config)."""
+    from jaxllm import params as params_lib
     from jaxllm.config import load_config
 
     cfg_path = os.path.join(run_dir, "config.yaml")
@@ -142,9 +149,17 @@ def load_run(run_dir: str, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory} holds no complete checkpoint")
-    params = ckpt.restore_params(step, _abstract_params(cfg.model))
+    keys = params_lib.run_keys(cfg)
+
+    def abstract_trainable():
+        return params_lib.init_trainable(cfg, params_lib.init_model_params(cfg, keys.model), keys.adapters)
+
+    trainable = ckpt.restore_params(step, _abstract(abstract_trainable))
     ckpt.close()
-    return cfg, params
+    if not params_lib.uses_lora(cfg):
+        return cfg, trainable
+    model = params_lib.initial_model_params(cfg)
+    return cfg, params_lib.effective_params(cfg, trainable, params_lib.frozen_params(cfg, model))
 
 
 def load_params(run_dir: str, step: int | None = None):
@@ -168,8 +183,9 @@ def save_params(model_cfg, params, out_dir: str, cfg=None) -> None:
     mngr.close()
 
 
-def load_init_params(model_cfg, path: str):
-    """Host params for `model.init_from`, checked against `model_cfg`'s shapes."""
+def load_init_params(model_cfg, path: str, extra_keys: tuple[str, ...] = ()):
+    """Host params for `model.init_from`, checked against `model_cfg`'s shapes. Top-level
+    `extra_keys` (an objective's own params, e.g. a reward head) may be present or not."""
     from jaxllm.models import param_shapes
 
     path = os.path.expanduser(path)
@@ -186,7 +202,8 @@ def load_init_params(model_cfg, path: str):
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     wrong = [f"{jax.tree_util.keystr(k)}: expected {shape}, found {'missing' if k not in got else tuple(got[k].shape)}"
              for k, shape in want if k not in got or tuple(got[k].shape) != tuple(shape)]
-    extra = sorted(jax.tree_util.keystr(k) for k in set(got) - {k for k, _ in want})
+    known = {k for k, _ in want}
+    extra = sorted(jax.tree_util.keystr(k) for k in set(got) - known if k[0].key not in extra_keys)
     if wrong or extra:
         raise ValueError(f"model.init_from {path} does not match the model config: "
                          + "; ".join(wrong + [f"{e}: unexpected" for e in extra]))

@@ -24,8 +24,9 @@ from flax import struct
 from jaxllm import config as config_lib
 from jaxllm.checkpoint import Checkpointer
 from jaxllm.metrics import MetricsLogger, peak_tflops_per_device
-from jaxllm.models import init_params, param_axes
-from jaxllm.objectives.lm import lm_loss
+from jaxllm import params as params_lib
+from jaxllm import reference as reference_lib
+from jaxllm.objectives import make_objective
 from jaxllm.optim import make_optimizer, make_schedule
 from jaxllm.parallel import distributed
 from jaxllm.parallel.mesh import activation_sharding, batch_sharding, mesh_from_config, tree_shardings
@@ -34,9 +35,11 @@ from jaxllm.parallel.mesh import activation_sharding, batch_sharding, mesh_from_
 @struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any
+    params: Any  # the trainable params (under LoRA: adapters and objective extras)
     opt_state: Any
     rng: jax.Array  # raw uint32[2] key; each step folds in its step number
+    # Frozen params (LoRA base, live DPO reference): rebuilt from the config, never checkpointed.
+    frozen: Any = struct.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- building the step
@@ -47,83 +50,125 @@ class Trainer:
 
     def __init__(self, cfg: config_lib.Config, mesh):
         self.cfg, self.mesh = cfg, mesh
+        self.objective = make_objective(cfg)
         self.schedule = make_schedule(cfg.optimizer, cfg.schedule, cfg.trainer.total_steps)
-        self.tx = make_optimizer(cfg.optimizer, self.schedule)
-        self.loss_fn = lambda params, batch: lm_loss(cfg.model, params, batch,
-                                                     chunk_size=cfg.trainer.loss_chunk_size)
-        self.abstract_state = jax.eval_shape(self._init, jax.random.PRNGKey(0))
-        self.state_shardings = self._state_shardings()
+        self.tx = make_optimizer(cfg.optimizer, self.schedule, decay_mask=params_lib.decay_mask(cfg))
+        self.keys = params_lib.run_keys(cfg)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+        abstract_model = jax.eval_shape(self._init_model, self.keys.model)
+        self.model_shardings = tree_shardings(mesh, params_lib.model_param_axes(cfg),
+                                              jax.tree.map(lambda a: a.shape, abstract_model))
+        abstract_state = jax.eval_shape(self._init, abstract_model, self.keys.adapters, self.keys.state)
+        self.state_shardings = self._state_shardings(abstract_state)
         self.abstract_state = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            self.abstract_state, self.state_shardings)
-        self.batch_sharding = batch_sharding(mesh)
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, self.state_shardings)
+        self.init_model = jax.jit(self._init_model, out_shardings=self.model_shardings)
         self.init_state = jax.jit(self._init, out_shardings=self.state_shardings)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
-                                  out_shardings=(self.state_shardings, None), donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params, self.batch_sharding))
+        self.make_frozen = jax.jit(lambda m: params_lib.frozen_params(cfg, m),
+                                   out_shardings=self.state_shardings.frozen)
+        self.train_step = jax.jit(self._train_step, donate_argnums=0,
+                                  out_shardings=(self.state_shardings, None))
+        self.eval_step = jax.jit(self._eval_step)
+        self.effective = jax.jit(lambda params, frozen: params_lib.effective_params(cfg, params, frozen),
+                                 out_shardings=self.model_shardings)
 
-    def _init(self, rng):
-        k_params, k_state = jax.random.split(rng)
-        params = init_params(self.cfg.model, k_params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                          rng=k_state)
+    def _init_model(self, key):
+        return params_lib.init_model_params(self.cfg, key)
 
-    def _state_shardings(self):
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        shapes = jax.tree.map(lambda a: a.shape, self.abstract_state.params)
-        params = tree_shardings(self.mesh, param_axes(self.cfg.model), shapes)
+    def _init(self, model_params, adapter_key, state_key):
+        trainable = params_lib.init_trainable(self.cfg, model_params, adapter_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=self.tx.init(trainable),
+                          rng=state_key, frozen=params_lib.frozen_params(self.cfg, model_params))
+
+    def _state_shardings(self, abstract_state):
+        cfg = self.cfg
+        params = tree_shardings(self.mesh, params_lib.trainable_axes(cfg, abstract_state.params),
+                                jax.tree.map(lambda a: a.shape, abstract_state.params))
         # Optimizer moments mirror the params' shardings; counters are replicated.
-        opt = optax.tree_map_params(self.tx, lambda _, s: s, self.abstract_state.opt_state, params,
-                                    transform_non_params=lambda _: replicated,
+        opt = optax.tree_map_params(self.tx, lambda _, s: s, abstract_state.opt_state, params,
+                                    transform_non_params=lambda _: self.replicated,
                                     is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        return TrainState(step=replicated, params=params, opt_state=opt, rng=replicated)
+        decoder, _ = params_lib.split_model_params(cfg, self.model_shardings)
+        frozen = {k: (decoder if k == "base" else self.model_shardings) for k in abstract_state.frozen}
+        return TrainState(step=self.replicated, params=params, opt_state=opt, rng=self.replicated, frozen=frozen)
+
+    def fresh_state(self, model_params=None) -> TrainState:
+        """Step-0 state from the seed, or from given model params (e.g. `model.init_from`)."""
+        if model_params is None:
+            model_params = self.init_model(self.keys.model)
+        return self.init_state(model_params, self.keys.adapters, self.keys.state)
+
+    def initial_model_params(self):
+        """The run's model params before step 1, sharded: seed init, then `model.init_from`."""
+        model = self.init_model(self.keys.model)
+        if not self.cfg.model.init_from:
+            return model
+        loaded = params_lib.load_initial_params(self.cfg, jax.device_get(model))
+        return jax.tree.map(lambda a, s: jax.make_array_from_callback(
+            a.shape, s, lambda idx, a=a: np.asarray(a[idx], np.float32)), loaded, self.model_shardings)
+
+    def _loss(self, trainable, frozen, batch, rng, deterministic: bool):
+        cfg = self.cfg
+        params = params_lib.effective_params(cfg, trainable, frozen, rng, deterministic=deterministic)
+        ref = params_lib.reference_params(cfg, frozen, trainable)
+        if ref is not None:
+            ref = jax.lax.stop_gradient(ref)
+        return self.objective.loss(params, batch, ref_params=ref, rng=rng)
 
     def _train_step(self, state: TrainState, batch):
         accum = self.cfg.trainer.grad_accum_steps
-        grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
         with activation_sharding(self.mesh):
             if accum == 1:
-                (loss_sum, aux), grads = grad_fn(state.params, batch)
+                (loss_sum, aux), grads = grad_fn(state.params, state.frozen, batch, rng, False)
             else:
                 # Microbatch j takes rows j, j+A, j+2A...: every device keeps an equal share.
                 micro = jax.tree.map(
                     lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-                def body(carry, mb):
-                    (l, a), g = grad_fn(state.params, mb)
+                def body(carry, xs):
+                    j, mb = xs
+                    (l, a), g = grad_fn(state.params, state.frozen, mb, jax.random.fold_in(rng, j), False)
                     return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
-                zeros = (jnp.zeros(()), {"weight": jnp.zeros(()), "correct": jnp.zeros(())},
+                first = jax.tree.map(lambda x: x[0], micro)
+                aux_shape = jax.eval_shape(self._loss, state.params, state.frozen, first, rng, False)[1]
+                zeros = (jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
                          jax.tree.map(jnp.zeros_like, state.params))
-                (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, micro)
+                (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
         weight = jnp.maximum(aux["weight"], 1.0)
         # Sums divided once by the whole batch's weight: accumulation equals the big batch.
         grads = jax.tree.map(lambda g: g / weight, grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / weight, "accuracy": aux["correct"] / weight,
-                   "grad_norm": optax.tree_utils.tree_norm(grads), "lr": self.schedule(state.step),
-                   "tokens": aux["weight"]}
+        metrics = self.objective.finalize(aux | {"loss_sum": loss_sum})
+        metrics |= {"grad_norm": optax.tree_utils.tree_norm(grads), "lr": self.schedule(state.step),
+                    "tokens": aux["tokens"]}
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    def _eval_step(self, params, batch):
+    def _eval_step(self, params, frozen, batch):
         with activation_sharding(self.mesh):
-            loss_sum, aux = self.loss_fn(params, batch)
-        return loss_sum, aux["weight"]
+            loss_sum, aux = self._loss(params, frozen, batch, None, True)
+        return aux | {"loss_sum": loss_sum}
 
     def to_global(self, local_batch: dict):
         """Per-process numpy rows -> one global array per key, sharded along batch."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)), np.asarray(v))
                 for k, v in local_batch.items()}
 
-    def evaluate(self, params, batches) -> dict:
-        total, weight = 0.0, 0.0
+    def evaluate(self, state: TrainState, batches) -> dict:
+        sums = None
         for b in batches:
-            l, w = self.eval_step(params, self.to_global(b))
-            total, weight = total + float(l), weight + float(w)
-        loss = total / max(weight, 1.0)
-        return {"eval_loss": loss, "eval_ppl": float(np.exp(min(loss, 50.0)))}
+            out = jax.device_get(self.eval_step(state.params, state.frozen, self.to_global(b)))
+            sums = out if sums is None else jax.tree.map(np.add, sums, out)
+        metrics = {k: float(v) for k, v in self.objective.finalize(sums).items()}
+        out = {f"eval_{k}": v for k, v in metrics.items()}
+        if self.cfg.task in ("pretrain", "sft"):
+            out["eval_ppl"] = float(np.exp(min(metrics["loss"], 50.0)))
+        return out
 
 
 # ----------------------------------------------------------------------------- the host loop
@@ -167,9 +212,20 @@ def _trim_metrics(run_dir: str, last_step: int) -> None:
         f.writelines(kept)
 
 
+def _data(cfg, tokenizer, reference=None):
+    """(endless train iterator, fixed eval batches) of the config's task."""
+    if cfg.task == "pretrain":
+        from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
+
+        return make_train_iterator(cfg, tokenizer), make_eval_batches(cfg, tokenizer, cfg.trainer.eval_batches)
+    from jaxllm.data import tasks
+
+    return (tasks.make_train_iterator(cfg, tokenizer, reference=reference),
+            tasks.make_eval_batches(cfg, tokenizer, cfg.trainer.eval_batches, reference=reference))
+
+
 def train(cfg: config_lib.Config) -> dict:
     """Runs (or resumes) training; returns a summary with the initial and final losses."""
-    from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
     from jaxllm.data.tokenizer import load_tokenizer
 
     t, run_dir = cfg.trainer, cfg.trainer.run_dir
@@ -178,41 +234,47 @@ def train(cfg: config_lib.Config) -> dict:
         os.makedirs(run_dir, exist_ok=True)
         config_lib.dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
-    train_iter = make_train_iterator(cfg, tokenizer)
-    eval_batches = make_eval_batches(cfg, tokenizer, t.eval_batches)
     trainer = Trainer(cfg, mesh)
 
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save) \
         if cfg.checkpoint.enabled else None
     resume_step = ckpt.latest_step() if ckpt else None
+    initial = []  # the initial model params, built at most once and only when needed
+
+    def initial_model_params():
+        if not initial:
+            initial.append(trainer.initial_model_params())
+        return initial[0]
+
+    reference = None
+    if reference_lib.needs_cache(cfg):
+        reference = reference_lib.load_or_compute(cfg, trainer, tokenizer, initial_model_params, run_dir)
+    train_iter, eval_batches = _data(cfg, tokenizer, reference)
     if resume_step is not None:
         state, data_state = ckpt.restore(resume_step, trainer.abstract_state)
+        if trainer.abstract_state.frozen:
+            state = state.replace(frozen=trainer.make_frozen(initial_model_params()))
         train_iter.set_state(data_state)
         _trim_metrics(run_dir, resume_step)
     else:
-        state = trainer.init_state(jax.random.PRNGKey(t.seed))
-        if cfg.model.init_from:
-            from jaxllm.checkpoint import load_init_params
-
-            loaded = load_init_params(cfg.model, cfg.model.init_from)
-            params = jax.tree.map(lambda a, s: jax.make_array_from_callback(
-                a.shape, s, lambda idx, a=a: np.asarray(a[idx], np.float32)), loaded, trainer.state_shardings.params)
-            state = state.replace(params=params)
+        state = trainer.fresh_state(initial_model_params())
+    initial.clear()
     start = int(state.step)
 
     logger = MetricsLogger(run_dir, t.total_steps, progress_bar=cfg.logging.progress_bar,
                            tensorboard=cfg.logging.tensorboard, initial_step=start)
     n_params = cfg.model.num_params()
-    tokens_per_step = t.batch_size * cfg.data.seq_len
-    flops_per_step = cfg.model.flops_per_token(cfg.data.seq_len) * tokens_per_step
+    flops_per_token = cfg.model.flops_per_token(cfg.data.seq_len)
     peak = peak_tflops_per_device(cfg.logging.peak_tflops_per_device)
-    logger.write(f"jaxllm: {n_params / 1e6:.1f}M params, mesh {dict(mesh.shape)}, "
-                 f"{jax.device_count()} {jax.devices()[0].platform} devices, "
+    trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+    logger.write(f"jaxllm: task {cfg.task}, {n_params / 1e6:.1f}M params ({trainable / 1e6:.2f}M trained), "
+                 f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices, "
                  f"{'resuming from step ' + str(start) if start else 'from scratch'}, run dir {run_dir}")
 
     summary = {"start_step": start}
     if start == 0:
-        ev = trainer.evaluate(state.params, eval_batches)
+        ev = trainer.evaluate(state, eval_batches)
+        summary["initial_eval"] = ev
         summary["initial_eval_loss"] = ev["eval_loss"]
         logger.log(0, ev)
 
@@ -236,9 +298,9 @@ def train(cfg: config_lib.Config) -> dict:
                 m = {k: float(v) for k, v in jax.device_get(p_metrics).items()}
                 now = time.perf_counter()
                 dt = (now - last_time - paused) / max(p_step - last_step, 1)
-                m |= {"step_time_s": dt, "tokens_per_s": tokens_per_step / dt}
+                m |= {"step_time_s": dt, "tokens_per_s": m["tokens"] / dt}
                 if peak:
-                    m["mfu"] = flops_per_step / dt / (peak * 1e12 * jax.device_count())
+                    m["mfu"] = flops_per_token * m["tokens"] / dt / (peak * 1e12 * jax.device_count())
                 last_time, last_step, paused = now, p_step, 0.0
                 summary["last_loss"] = m["loss"]
                 logger.log(p_step, m, advance=1)
@@ -254,7 +316,8 @@ def train(cfg: config_lib.Config) -> dict:
                 jax.block_until_ready(metrics)  # the step's own time stays in the step timing
                 t0 = time.perf_counter()
                 if do_eval:
-                    ev = trainer.evaluate(state.params, eval_batches)
+                    ev = trainer.evaluate(state, eval_batches)
+                    summary["final_eval"] = ev
                     summary["final_eval_loss"] = ev["eval_loss"]
                     logger.log(step, ev)
                 if do_save:
@@ -276,14 +339,15 @@ def train(cfg: config_lib.Config) -> dict:
         logger.close()
 
     summary["final_step"] = step
-    if t.sample_tokens > 0:
-        params = state.params
+    sample = t.sample_tokens > 0 and cfg.task != "reward"  # a reward model does not generate
+    if sample:
+        params = trainer.effective(state.params, state.frozen)
         if jax.process_count() > 1:  # params may be sharded across hosts: every process gathers
             from jax.experimental import multihost_utils
 
             params = multihost_utils.process_allgather(params, tiled=True)
         params = jax.device_get(params)
-    if t.sample_tokens > 0 and jax.process_index() == 0:
+    if sample and jax.process_index() == 0:
         from jaxllm.generate import sample_text
 
         text = sample_text(cfg, params, tokenizer, t.sample_prompt,

@@ -42,7 +42,7 @@ def _batches(n, seed=0):
 
 def _run(cfg, mesh, batches):
     tr = Trainer(cfg, mesh)
-    state = tr.init_state(jax.random.PRNGKey(0))
+    state = tr.fresh_state()
     losses = []
     for b in batches:
         state, m = tr.train_step(state, tr.to_global(b))
@@ -68,7 +68,7 @@ def test_param_and_optimizer_shardings_follow_rules():
     cfg = _cfg()
     mesh = make_mesh(2, 2, 2, devices=jax.devices()[:8])
     tr = Trainer(cfg, mesh)
-    state = tr.init_state(jax.random.PRNGKey(0))
+    state = tr.fresh_state()
     axes = param_axes(cfg.model)
     flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))[0]
     for path, names in flat_axes:
@@ -100,5 +100,5 @@ def test_loss_falls_on_a_learnable_sequence():
     losses, state, tr = _run(_cfg(), make_mesh(1, 1, 1, devices=jax.devices()[:1]), _batches(20))
     assert losses[0] > 4.5  # ~ln(128) at init
     assert losses[-1] < 0.5 * losses[0]
-    ev = tr.evaluate(state.params, _batches(2, seed=1))
+    ev = tr.evaluate(state, _batches(2, seed=1))
     assert ev["eval_loss"] < 0.5 * losses[0]

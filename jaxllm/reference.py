@@ -1,0 +1,104 @@
+"""Cached reference log-probabilities for DPO-family training (open-instruct's `dpo_tune_cache`).
+
+Before step 1 the reference model (the run's initial model params) scores every example of the
+train and eval splits once; the per-example sums (`ref_chosen_logps`, ... as the objective's
+`reference_fields` names them) go to `run_dir/reference_logps/{split}.npz`, indexed by the
+example's position in its split, and the data pipeline joins them into batches by `index`.
+Training then keeps only the policy in memory. The file records what it was computed from; a
+resumed run reuses it, and a run whose data, tokenizer or initial model changed recomputes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxllm.objectives.preference import LOSSES
+
+SPLITS = ("train", "eval")
+
+
+def needs_cache(cfg) -> bool:
+    if cfg.task != "dpo" or cfg.preference.reference != "cached":
+        return False
+    return cfg.preference.loss_type == "kto" or LOSSES[cfg.preference.loss_type][1]
+
+
+def fingerprint(cfg, split: str, size: int) -> dict:
+    """What the cached numbers depend on; a mismatch means recompute."""
+    p, d = cfg.preference, cfg.data
+    return {"split": split, "size": size, "files": list(d.train if split == "train" else d.eval),
+            "tokenizer": d.tokenizer, "seq_len": d.seq_len, "template": cfg.sft.template,
+            "fields": [p.prompt_field, p.chosen_field, p.rejected_field], "max_prompt_len": p.max_prompt_len,
+            "kto": p.loss_type == "kto", "init_from": cfg.model.init_from, "seed": cfg.trainer.seed,
+            "model": repr(cfg.model)}
+
+
+def _read(path: str, want: dict) -> dict[str, np.ndarray] | None:
+    if not os.path.exists(path):
+        return None
+    with np.load(path) as z:
+        if json.loads(str(z["__meta__"])) != want:
+            return None
+        return {k: z[k] for k in z.files if k != "__meta__"}
+
+
+def _write_atomic(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, __meta__=np.asarray(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
+
+
+def _host(x) -> np.ndarray:
+    """A global [B] array as a full host array on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def compute(cfg, trainer, tokenizer, params, split: str) -> dict[str, np.ndarray]:
+    """Reference fields of every example of `split`, as arrays indexed by example."""
+    from jaxllm.data import tasks
+
+    n = tasks.split_size(cfg, tokenizer, split)
+    score = jax.jit(trainer.objective.reference_fields)
+    out: dict[str, np.ndarray] = {}
+    for local in tasks.iterate_split_once(cfg, tokenizer, split):
+        batch = trainer.to_global(local)
+        fields = score(params, batch)
+        index = _host(batch["index"])
+        real = index >= 0
+        for name, value in fields.items():
+            arr = out.setdefault(name, np.full(n, np.nan, np.float32))
+            arr[index[real]] = _host(value)[real]
+    missing = sum(int(np.isnan(a).sum()) for a in out.values())
+    if not out or missing:
+        raise RuntimeError(f"reference pass over {split} left {missing} of {n} examples unscored")
+    return out
+
+
+def load_or_compute(cfg, trainer, tokenizer, get_params: Callable[[], dict], run_dir: str,
+                    log=print) -> dict[str, dict[str, np.ndarray]]:
+    """{"train": fields, "eval": fields}, read from the run's cache or computed and cached."""
+    from jaxllm.data import tasks
+
+    folder = os.path.join(run_dir, "reference_logps")
+    os.makedirs(folder, exist_ok=True)
+    result = {}
+    for split in SPLITS:
+        path = os.path.join(folder, f"{split}.npz")
+        meta = fingerprint(cfg, split, tasks.split_size(cfg, tokenizer, split))
+        cached = _read(path, meta)
+        if cached is None:
+            log(f"reference log-probs: scoring the {split} split ({meta['size']} examples) once")
+            cached = compute(cfg, trainer, tokenizer, get_params(), split)
+            if jax.process_index() == 0:
+                _write_atomic(path, cached, meta)
+        result[split] = cached
+    return result
