@@ -227,10 +227,10 @@ def main(argv=None) -> int:
         if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
             raise ValueError("--max-new-tokens, --temperature and --top-k must be >= 0")
         from jaxllm.checkpoint import load_run
-        from jaxllm.data.tokenizer import load_tokenizer
+        from jaxllm.data.tokenizer import run_tokenizer
 
         cfg, params = load_run(args.checkpoint)
-        tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+        tokenizer = run_tokenizer(cfg, args.checkpoint)
         prompt_ids = [_encode_prompt(cfg, tokenizer, p) for p in args.prompt]
         if any(not ids for ids in prompt_ids):
             raise ValueError("empty prompt with data.add_bos false: nothing to condition on")

@@ -197,6 +197,10 @@ def merge_run(run_dir: str, method: str, last: int, out_dir: str, interval: int 
     finally:
         ckpt.close()
     save_params(cfg.model, merged, out_dir, cfg=cfg)
+    from jaxllm.data.tokenizer import keep_tokenizer, saved_tokenizer
+
+    if saved_tokenizer(run_dir):  # the merged model keeps the run's tokenizer beside it
+        keep_tokenizer(saved_tokenizer(run_dir), out_dir)
     log(f"wrote merged params to {out_dir}")
     return steps, weights
 

@@ -226,14 +226,16 @@ def _data(cfg, tokenizer, reference=None):
 
 def train(cfg: config_lib.Config) -> dict:
     """Runs (or resumes) training; returns a summary with the initial and final losses."""
-    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.data.tokenizer import keep_tokenizer, run_tokenizer
 
     t, run_dir = cfg.trainer, cfg.trainer.run_dir
     mesh = mesh_from_config(cfg.mesh)
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
         config_lib.dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
-    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    tokenizer = run_tokenizer(cfg, run_dir)
+    if jax.process_index() == 0:
+        keep_tokenizer(tokenizer, run_dir)
     trainer = Trainer(cfg, mesh)
 
     ckpt = Checkpointer(run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save) \

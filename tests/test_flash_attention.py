@@ -150,3 +150,32 @@ def test_bad_arguments_raise():
         flash_attention(q, k, v, interpret=True)
     with pytest.raises(ValueError, match="power of 2"):
         flash_attention(q, k, v, interpret=True, causal=False, block_q=24)
+
+
+def test_pallas_path_under_a_multi_device_mesh_runs_per_shard():
+    """`attention(impl="pallas")` inside `activation_sharding` (what the model does on a mesh):
+    shard_map over batch (data, fsdp) and heads (tensor) gives the reference values and grads."""
+    from jax.sharding import NamedSharding
+
+    from jaxllm.parallel.mesh import activation_sharding, logical_to_spec, make_mesh
+
+    mesh = make_mesh(2, 2, 2, devices=jax.devices()[:8])
+    B, T, N, K, H = 4, 64, 4, 2, 16
+    q, k, v, do = _inputs(B, T, T, N, K, H, jnp.float32)
+    segment_ids = _segments("many", B, T)
+    put = lambda x, names: jax.device_put(x, NamedSharding(mesh, logical_to_spec(names)))
+    q, do = (put(x, ("batch", "length", "heads", "head_dim")) for x in (q, do))
+    k, v = (put(x, ("batch", "length", "kv_heads", "head_dim")) for x in (k, v))
+    segment_ids = put(segment_ids, ("batch", "length"))
+
+    def sharded(q, k, v):
+        with activation_sharding(mesh):
+            return attention(q, k, v, impl="pallas", causal=True, segment_ids=segment_ids, interpret=True)
+
+    got = _compile(_with_grads(sharded), q, k, v, do)(q, k, v, do)
+    want = _compile(_with_grads(lambda q, k, v: reference_attention(
+        q, k, v, segment_ids=segment_ids, causal=True)), q, k, v, do)(q, k, v, do)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        _assert_close(g, w, 2e-5, name)
+    # The output stays sharded like q: no gather to one device around the kernel.
+    assert got[0].sharding.spec == logical_to_spec(("batch", "length", "heads", "head_dim"))

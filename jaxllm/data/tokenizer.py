@@ -11,6 +11,7 @@ model in a few seconds on 2 cores.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -254,3 +255,41 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
         raise ValueError(f"tokenizer {getattr(tok, 'path', data_cfg.tokenizer)} has {tok.vocab_size} pieces but model.vocab_size is "
                          f"{vocab_size}; use a model vocab_size >= {tok.vocab_size}")
     return tok
+
+
+# ----------------------------------------------------------------------------- a run's own tokenizer
+
+# A run directory keeps a copy of its tokenizer under one of these names, so later stages (PMA
+# merge, SFT, DPO, generation, scoring) read exactly the pieces the model was trained with.
+RUN_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+def saved_tokenizer(folder: str) -> str | None:
+    """The tokenizer file a run / params / Hugging Face directory holds, if any."""
+    for name in RUN_TOKENIZER_FILES:
+        path = os.path.join(os.path.expanduser(folder), name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def run_tokenizer(cfg, run_dir: str | None = None):
+    """The tokenizer of a run: its own saved copy; else, for `data.tokenizer: auto`, the one saved
+    with `model.init_from` (continued training, SFT and DPO keep the base model's pieces); else
+    what `data.tokenizer` names."""
+    for folder in (run_dir, cfg.model.init_from if cfg.data.tokenizer == "auto" else None):
+        path = saved_tokenizer(folder) if folder else None
+        if path:
+            return load_tokenizer(dataclasses.replace(cfg.data, tokenizer=path), cfg.model.vocab_size)
+    return load_tokenizer(cfg.data, cfg.model.vocab_size)
+
+
+def keep_tokenizer(tokenizer, folder: str) -> None:
+    """Copies a tokenizer's file (a tokenizer or a path) into `folder` (atomically; a no-op if a
+    copy is there)."""
+    src = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None)
+    if not src or saved_tokenizer(folder):
+        return
+    name = "tokenizer.json" if src.endswith(".json") else "tokenizer.model"
+    with open(src, "rb") as f:
+        _atomic_write(os.path.join(folder, name), f.read())

@@ -112,6 +112,11 @@ def activation_sharding(mesh: Mesh):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing `activation_sharding`, if any."""
+    return _ACTIVE_MESH.get()
+
+
 def constrain(x, names):
     mesh = _ACTIVE_MESH.get()
     if mesh is None:
