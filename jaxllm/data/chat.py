@@ -18,24 +18,29 @@ merge tokens across a boundary) and the prompt is tokenized exactly as at infere
 generation prompt is tokenized alone. A template whose renders are not prefixes of each other
 (e.g. one that rewrites earlier turns) raises `TemplateError`.
 
-Packing (`pack_examples`, `SFTRows`) keeps conversations whole: the packer in packing.py splits
+Packing (`pack_examples`, `SFTRows`, and `SFTPackIterDataset` for the checkpointable grain
+pipeline of jaxllm.data.tasks) keeps conversations whole: the packer in packing.py splits
 documents across rows and carries no per-token mask, so a small greedy packer lives here.
 Row contract as in packing.py (tokens, targets, positions, segment_ids int32; loss_mask
 float32; all [seq_len]) except that loss_mask is 1 only where the *target* is an assistant
-token. Whether the loss is averaged over those tokens per batch (`reduce_loss: mean`) or
-summed (`sum`, so long replies weigh more) is the trainer's choice; rows just carry the mask.
+token, plus ul_mask (float32): 1 where the target is a token of a negative reply (a segment of
+its own, see `sft_segments`), for the unlikelihood loss. Whether the loss is averaged over
+those tokens per batch (`reduce_loss: mean`) or summed (`sum`, so long replies weigh more) is
+the trainer's choice; rows just carry the masks.
 """
 
 from __future__ import annotations
 
 import array
 import collections
+import copy
 import json
 import logging
 import os
 import re
 from typing import Any, Iterable, Iterator, Sequence
 
+import grain
 import numpy as np
 
 from jaxllm.data import sources
@@ -249,6 +254,41 @@ def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_tok
     return [(text, a) for text, a in segments if text]
 
 
+class _Encoder:
+    """Text -> ids with the template's bos/eos strings mapped to their ids, plus those strings."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.encode = _encoder(tokenizer)
+        specials = {i: s for s, i in _special_strings(tokenizer).items()}
+        self.bos_token = specials.get(tokenizer.bos_id, "")
+        self.eos_token = specials.get(tokenizer.eos_id, "")
+
+
+def encode_conversation(messages: Any, tokenizer, template: ChatTemplate | str | None, *,
+                        add_bos: bool = False, encoder: _Encoder | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, turns int32) of one whole conversation, untruncated.
+
+    turns[t] is k on the tokens of the k-th assistant reply (1, 2, ...; content plus its end
+    marker) and 0 elsewhere. Malformed conversations raise ConversationError. `add_bos`
+    prepends BOS unless the template already starts with it.
+    """
+    messages = validate_messages(messages)
+    template = load_template(template, tokenizer)
+    encoder = encoder or _Encoder(tokenizer)
+    segments = render_segments(messages, template, bos_token=encoder.bos_token, eos_token=encoder.eos_token)
+    ids, turns, k = [], [], 0
+    for text, is_assistant in segments:
+        piece = encoder.encode(text)
+        k += is_assistant
+        ids += piece
+        turns += [k if is_assistant else 0] * len(piece)
+    if add_bos and tokenizer.bos_id >= 0 and ids[:1] != [tokenizer.bos_id]:
+        ids, turns = [tokenizer.bos_id] + ids, [0] + turns
+    return np.asarray(ids, np.int32), np.asarray(turns, np.int32)
+
+
 def tokenize_conversation(messages: Any, tokenizer, template: ChatTemplate | str, *, max_len: int,
                           truncation: str = "truncate_end", add_bos: bool = False
                           ) -> tuple[np.ndarray, np.ndarray] | None:
@@ -260,26 +300,61 @@ def tokenize_conversation(messages: Any, tokenizer, template: ChatTemplate | str
     """
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
-    messages = validate_messages(messages)
-    template = load_template(template, tokenizer)
-    specials = {i: s for s, i in _special_strings(tokenizer).items()}
-    encode = _encoder(tokenizer)
-    segments = render_segments(messages, template, bos_token=specials.get(tokenizer.bos_id, ""),
-                               eos_token=specials.get(tokenizer.eos_id, ""))
-    ids, mask = [], []
-    for text, is_assistant in segments:
-        piece = encode(text)
-        ids += piece
-        mask += [int(is_assistant)] * len(piece)
-    if add_bos and tokenizer.bos_id >= 0 and ids[:1] != [tokenizer.bos_id]:
-        ids, mask = [tokenizer.bos_id] + ids, [0] + mask
+    ids, turns = encode_conversation(messages, tokenizer, template, add_bos=add_bos)
+    mask = (turns > 0).astype(np.int32)
     if len(ids) > max_len:
         if truncation == "drop":
             return None
         ids, mask = ids[:max_len], mask[:max_len]
-    if not any(mask):
+    if not mask.any():
         return None
-    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    return ids, mask
+
+
+def sft_segments(messages: Any, tokenizer, template: ChatTemplate | str, *, max_len: int,
+                 truncation: str = "truncate_end", add_bos: bool = False, negative: str | None = None,
+                 encoder: _Encoder | None = None) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The packing segments of one SFT record: [(ids, loss_mask, ul_mask)] (int32 each).
+
+    The conversation itself (loss_mask on assistant tokens, ul_mask 0), then, when `negative`
+    is given (an alternative reply to the last user turn), that turn's context followed by the
+    negative reply (loss_mask 0, ul_mask 1 on the negative reply's tokens). Each segment holds
+    at most `max_len` tokens under `truncation`; a record that cannot be kept raises
+    ConversationError with the skip reason ("too long", "no assistant token after truncation",
+    "no user turn before the negative reply", "empty negative reply", "negative reply does not fit").
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+    template = load_template(template, tokenizer)
+    encoder = encoder or _Encoder(tokenizer)
+
+    def fit(ids, mask, what_empty: str):
+        if len(ids) > max_len:
+            if truncation == "drop":
+                raise ConversationError("too long")
+            ids, mask = ids[:max_len], mask[:max_len]
+        if not mask.any():
+            raise ConversationError(what_empty)
+        return ids, mask
+
+    ids, turns = encode_conversation(messages, tokenizer, template, add_bos=add_bos, encoder=encoder)
+    ids, mask = fit(ids, (turns > 0).astype(np.int32), "no assistant token after truncation")
+    out = [(ids, mask, np.zeros_like(mask))]
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise ConversationError("negative reply is not a string")
+        if not negative.strip():
+            raise ConversationError("empty negative reply")
+        users = [k for k, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise ConversationError("no user turn before the negative reply")
+        context = list(messages[:users[-1] + 1])
+        neg_ids, neg_turns = encode_conversation(context + [{"role": "assistant", "content": negative}], tokenizer,
+                                                 template, add_bos=add_bos, encoder=encoder)
+        last = sum(m["role"] == "assistant" for m in context) + 1
+        neg_ids, ul = fit(neg_ids, (neg_turns == last).astype(np.int32), "negative reply does not fit")
+        out.append((neg_ids, np.zeros_like(ul), ul))
+    return out
 
 
 # ----------------------------------------------------------------------------- packing
@@ -317,10 +392,10 @@ class _RowBuilder:
         n = self.seq_len
         self.row = {"tokens": np.full(n, self.pad_id, np.int32), "targets": np.full(n, self.pad_id, np.int32),
                     "positions": np.zeros(n, np.int32), "segment_ids": np.zeros(n, np.int32),
-                    "loss_mask": np.zeros(n, np.float32)}
+                    "loss_mask": np.zeros(n, np.float32), "ul_mask": np.zeros(n, np.float32)}
         self.filled = self.segments = 0
 
-    def add(self, ids: np.ndarray, mask: np.ndarray):
+    def add(self, ids: np.ndarray, mask: np.ndarray, ul_mask: np.ndarray | None = None):
         a, n = self.filled, len(ids) - 1
         self.segments += 1
         self.row["tokens"][a:a + n] = ids[:-1]
@@ -328,6 +403,8 @@ class _RowBuilder:
         self.row["positions"][a:a + n] = np.arange(n, dtype=np.int32)
         self.row["segment_ids"][a:a + n] = self.segments
         self.row["loss_mask"][a:a + n] = mask[1:]  # the loss is on predicting the target
+        if ul_mask is not None:
+            self.row["ul_mask"][a:a + n] = ul_mask[1:]
         self.filled += n
 
     def flush(self) -> dict[str, np.ndarray]:
@@ -377,31 +454,137 @@ class SFTRows:
         return pack_examples(self.examples(), self.seq_len, self.tokenizer.pad_id)
 
 
+class SFTPackIterDataset(grain.IterDataset):
+    """Packs a stream of SFT examples whole into rows, as a checkpointable grain stage.
+
+    Each element of the parent is a list of segments (ids, loss_mask, ul_mask) of at most
+    seq_len + 1 tokens (one record: its conversation and maybe a negative reply); each segment
+    is laid whole into a row, greedily as `pack_examples` does; a segment that does not fit the
+    current row's remainder starts the next row. The state is the parent's state before the
+    record being laid out plus how many of its segments were emitted, so it is JSON-able and a
+    restore resumes with exactly the rows that would have come next.
+    """
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int = 0):
+        super().__init__(parent)
+        if seq_len <= 0:
+            raise ValueError(f"seq_len must be > 0, got {seq_len}")
+        self._seq_len, self._pad_id = seq_len, pad_id
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _SFTPackIterator(self._parent.__iter__(), self._seq_len, self._pad_id)
+
+    def __str__(self) -> str:
+        return f"SFTPackIterDataset(seq_len={self._seq_len})"
+
+
+class _SFTPackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int):
+        super().__init__(parent)
+        self._rows = _RowBuilder(seq_len, pad_id)
+        self._segments: list | None = None  # the record being laid out, if any
+        self._record_state: dict | None = None  # parent state just before that record
+        self._done = 0  # its segments already placed
+
+    def _next_record(self) -> bool:
+        state = copy.deepcopy(self._parent.get_state())
+        try:
+            segments = next(self._parent)
+        except StopIteration:
+            return False
+        self._segments, self._record_state, self._done = list(segments), state, 0
+        return True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows, seq_len = self._rows, self._rows.seq_len
+        while True:
+            if self._segments is None and not self._next_record():
+                break
+            if self._done == len(self._segments):
+                self._segments = None
+                continue
+            ids, mask, ul = self._segments[self._done]
+            n = len(ids) - 1
+            if n > seq_len:
+                raise ValueError(f"segment of {len(ids)} tokens does not fit seq_len {seq_len} (max {seq_len + 1})")
+            if n >= 1:
+                if rows.filled + n > seq_len:
+                    return rows.flush()  # the segment stays pending for the next row
+                rows.add(np.asarray(ids, np.int32), np.asarray(mask, np.float32), np.asarray(ul, np.float32))
+            self._done += 1
+            if rows.filled == seq_len:
+                return rows.flush()
+        if rows.filled:
+            return rows.flush()
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        if self._segments is None:
+            return {"parent": copy.deepcopy(self._parent.get_state()), "done": 0, "pending": False}
+        return {"parent": copy.deepcopy(self._record_state), "done": self._done, "pending": True}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._segments = None
+        self._rows.flush()  # rows are emitted whole, so none is half built at a state
+        if state["pending"]:
+            # Re-read the record being laid out and skip the segments already placed.
+            if not self._next_record():
+                raise ValueError("cannot restore SFT packing state: the stream ended before the pending record")
+            self._done = int(state["done"])
+
+    def __str__(self) -> str:
+        return f"SFTPackIterator(seq_len={self._rows.seq_len})"
+
+
 # ----------------------------------------------------------------------------- reading
 
 
-class ConversationSource:
-    """Random-access conversations (messages lists) from jsonl / parquet files.
+_TYPE_NAMES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               dict: "a mapping"}
+
+
+def _type_phrase(types: tuple[type, ...]) -> str:
+    names = list(dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in types))
+    return " or ".join(names)
+
+
+def _has_type(value, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # JSON true is not a number here
+    return isinstance(value, types)
+
+
+class RecordSource:
+    """Random-access records (dicts of chosen fields) from jsonl / parquet files.
 
     Files are resolved like pretraining sources (`sources.resolve_files`: files, folders, globs).
     The index holds positions, not records: jsonl by (file, byte offset, length) like
     `JsonlSource`, parquet by (file, row group, row) read one row group at a time like
-    `ParquetSource`. Records that are not JSON or lack a list `messages_field` are counted in
-    `skipped` (strict: SourceError naming file and line/row); message-level checks happen at
-    tokenization.
+    `ParquetSource`. `fields` maps each required field to the Python types a jsonl value may
+    have; `optional` likewise for fields a record may lack (null counts as absent). Records
+    that are not JSON, lack a required field or hold a value of another type are counted in
+    `skipped` (strict: SourceError naming file and line/row). Parquet rows are checked for
+    nulls only (a column has one type); content checks happen where the record is used.
+    A record is a dict of the required fields and the optional ones it has.
     """
 
-    def __init__(self, path_specs: str | Sequence[str], messages_field: str = "messages", *,
-                 strict: bool = False, cache_row_groups: int = 4):
+    def __init__(self, path_specs: str | Sequence[str], fields: dict[str, tuple[type, ...]],
+                 optional: dict[str, tuple[type, ...]] | None = None, *, strict: bool = False,
+                 cache_row_groups: int = 4):
         specs = [path_specs] if isinstance(path_specs, str) else list(path_specs)
         self.files = [f for spec in specs for f in sources.resolve_files(spec)
                       if f.endswith(sources.JSONL_SUFFIXES + sources.PARQUET_SUFFIXES)]
         if not self.files:
             raise sources.SourceError(f"{', '.join(specs)}: no .jsonl or .parquet files")
-        self.field = messages_field
+        self.fields, self.optional = dict(fields), dict(optional or {})
+        overlap = set(self.fields) & set(self.optional)
+        if overlap:
+            raise ValueError(f"fields both required and optional: {sorted(overlap)}")
         skips = sources._Skips(strict)
         # (file id, offset | row group, length | row, line) per record, as compact arrays.
         self._index = [array.array("i"), array.array("q"), array.array("q"), array.array("q")]
+        self._columns: dict[int, list[str]] = {}  # parquet file id -> the fields it has
         for file_id, path in enumerate(self.files):
             if path.endswith(sources.JSONL_SUFFIXES):
                 self._index_jsonl(file_id, path, skips)
@@ -409,7 +592,8 @@ class ConversationSource:
                 self._index_parquet(file_id, path, skips)
         self.skipped = skips.counts
         skips.report(sources._describe(self.files), len(self))
-        self._groups_cache = sources.RowGroupCache(self.files, self.field, cache_row_groups)
+        self._caches = {f: sources.RowGroupCache(self.files, f, cache_row_groups)
+                        for f in (*self.fields, *self.optional)}
 
     def _add(self, file_id: int, a: int, b: int, line: int = 0):
         for arr, v in zip(self._index, (file_id, a, b, line)):
@@ -427,31 +611,39 @@ class ConversationSource:
                 except ValueError as e:  # UnicodeDecodeError is a ValueError too
                     skips("malformed JSON", f"{path}:{lineno}", str(e))
                     continue
-                if self._check(obj.get(self.field) if isinstance(obj, dict) else None, f"{path}:{lineno}", skips):
+                if self._check(obj if isinstance(obj, dict) else {}, f"{path}:{lineno}", skips):
                     self._add(file_id, start, len(line), lineno)
+
+    def _check(self, obj: dict, where: str, skips) -> bool:
+        for name, types in (*self.fields.items(), *self.optional.items()):
+            value = obj.get(name)
+            if value is None:
+                if name in self.fields:
+                    skips(f"missing field {name!r}", where)
+                    return False
+            elif not _has_type(value, types):
+                skips(f"field {name!r} is not {_type_phrase(types)}", where)
+                return False
+        return True
 
     def _index_parquet(self, file_id: int, path: str, skips):
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
-        if self.field not in pf.schema_arrow.names:
-            raise sources.SourceError(f"{path}: no column {self.field!r} (columns: {', '.join(pf.schema_arrow.names)})")
+        names = pf.schema_arrow.names
+        for name in self.fields:
+            if name not in names:
+                raise sources.SourceError(f"{path}: no column {name!r} (columns: {', '.join(names)})")
+        self._columns[file_id] = [n for n in (*self.fields, *self.optional) if n in names]
         for rg in range(pf.num_row_groups):
-            column = pf.read_row_group(rg, columns=[self.field]).column(0)
-            nulls = column.is_null().to_numpy(zero_copy_only=False)
-            for row in range(len(column)):
-                value = None if nulls[row] else []  # list-typed column: only nulls are bad here
-                if self._check(value, f"{path}: row group {rg}, row {row}", skips):
+            table = pf.read_row_group(rg, columns=list(self.fields))
+            nulls = [table.column(n).is_null().to_numpy(zero_copy_only=False) for n in self.fields]
+            for row in range(table.num_rows):
+                missing = next((n for n, null in zip(self.fields, nulls) if null[row]), None)
+                if missing is None:
                     self._add(file_id, rg, row)
-
-    def _check(self, value, where: str, skips) -> bool:
-        if value is None:
-            skips(f"missing field {self.field!r}", where)
-        elif not isinstance(value, list):
-            skips(f"field {self.field!r} is not a list", where)
-        else:
-            return True
-        return False
+                else:
+                    skips(f"missing field {missing!r}", f"{path}: row group {rg}, row {row}")
 
     def __len__(self) -> int:
         return len(self._index[0])
@@ -463,7 +655,7 @@ class ConversationSource:
             return f"{path}:{line}"
         return f"{path}: row group {a}, row {b}"
 
-    def __getitem__(self, index: int) -> list[dict]:
+    def record(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
         file_id, a, b, _ = (arr[index] for arr in self._index)
@@ -471,8 +663,31 @@ class ConversationSource:
         if path.endswith(sources.JSONL_SUFFIXES):
             with open(path, "rb") as f:
                 f.seek(a)
-                return json.loads(f.read(b))[self.field]
-        return self._groups_cache.get(file_id, a)[b].as_py()
+                obj = json.loads(f.read(b))
+            names = (*self.fields, *self.optional)
+        else:
+            names = self._columns[file_id]
+            obj = {n: self._caches[n].get(file_id, a)[b].as_py() for n in names}
+        return {n: obj[n] for n in names if obj.get(n) is not None}
+
+    __getitem__ = record
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return (self[i] for i in range(len(self)))
+
+
+class ConversationSource(RecordSource):
+    """Random-access conversations (messages lists) from jsonl / parquet files: a RecordSource of
+    the one list field `messages_field`, returning its value. Message-level checks happen at
+    tokenization."""
+
+    def __init__(self, path_specs: str | Sequence[str], messages_field: str = "messages", *,
+                 strict: bool = False, cache_row_groups: int = 4):
+        super().__init__(path_specs, {messages_field: (list,)}, strict=strict, cache_row_groups=cache_row_groups)
+        self.field = messages_field
+
+    def __getitem__(self, index: int) -> list[dict]:
+        return self.record(index)[self.field]
 
     def __iter__(self) -> Iterator[list[dict]]:
         return (self[i] for i in range(len(self)))
