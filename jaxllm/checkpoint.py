@@ -149,6 +149,10 @@ def load_run(run_dir: str, step: int | None = None):
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory} holds no complete checkpoint")
+    if cfg.data.stages:  # the model of the stage the checkpoint was saved in
+        from jaxllm.data.mixture import model_config_at
+
+        cfg = dataclasses.replace(cfg, model=model_config_at(cfg, step))
     keys = params_lib.run_keys(cfg)
 
     def abstract_trainable():
@@ -173,7 +177,11 @@ def save_params(model_cfg, params, out_dir: str, cfg=None) -> None:
     from jaxllm.config import Config, dump_yaml
 
     os.makedirs(out_dir, exist_ok=True)
-    cfg = dataclasses.replace(cfg or Config(), model=model_cfg)
+    cfg = cfg or Config()
+    # A params directory holds whole params (adapters folded in) and has no curriculum: its
+    # model is `model_cfg` at every step.
+    cfg = dataclasses.replace(cfg, model=model_cfg, lora=type(cfg.lora)(),
+                              data=dataclasses.replace(cfg.data, sources=(), stages=()))
     dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
     mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
                                  options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False),

@@ -9,7 +9,9 @@ is a fixed set, the valid choices; `python -m jaxllm.train` prints that line and
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from typing import Any, Literal
@@ -24,10 +26,84 @@ class ConfigError(ValueError):
     """A config problem, described in one line that names the key."""
 
 
+class FrozenDict(dict):
+    """A read-only dict that hashes, so a config holding a mapping (stage weights) stays hashable."""
+
+    def __hash__(self):
+        return hash(frozenset(self.items()))
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("config mappings are read-only")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self):  # pickle and copy.deepcopy rebuild it from a plain dict
+        return (FrozenDict, (dict(self),))
+
+
+# Source names appear in metric keys (tokens/<name>) and in stage weights.
+_SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One named source of a pretraining data mixture (`data.sources`)."""
+
+    name: str = ""
+    # Files, folders, globs or built-in specs, as in data.train; eval: optional held-out ones
+    # (pipeline.make_eval_batches(..., source=name)).
+    train: tuple[str, ...] = ()
+    eval: tuple[str, ...] = ()
+    text_field: str | None = None  # None: data.text_field
+    # repeat: start the next epoch (reshuffled); stop: the mixture ends when this source runs out.
+    on_exhaust: Literal["repeat", "stop"] = "repeat"
+
+    def __post_init__(self):
+        if not re.fullmatch(_SOURCE_NAME, self.name):
+            raise ValueError(f"name {self.name!r} must be letters, digits, '_', '-' or '.', starting "
+                             "with a letter or digit (it names metrics)")
+        if not self.train:
+            raise ValueError(f"train: source {self.name!r} lists no files")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage of a pretraining curriculum (`data.stages`), in effect from its start on."""
+
+    name: str = ""
+    # Where the stage begins: a step, or a number of training tokens (batch_size * seq_len per
+    # step, converted with the stages before it). The first stage begins at step 0.
+    start_step: int | None = None
+    start_tokens: int | None = None
+    # Source name -> weight (>= 0; normalised): the expected share of the stage's rows (= tokens).
+    # May be left out when there is one source.
+    weights: dict[str, float] = dataclasses.field(default_factory=FrozenDict)
+    seq_len: int | None = None  # None: data.seq_len
+    batch_size: int | None = None  # None: trainer.batch_size (global rows)
+    rope_theta: float | None = None  # None: model.rope_theta
+
+    def __post_init__(self):
+        if self.start_step is not None and self.start_tokens is not None:
+            raise ValueError("give start_step or start_tokens, not both")
+        for key in ("start_step", "start_tokens"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for k, w in self.weights.items():
+            if not (math.isfinite(w) and w >= 0):
+                raise ValueError(f"weights.{k} must be a finite number >= 0, got {w}")
+        if self.weights and not sum(self.weights.values()) > 0:
+            raise ValueError("weights: at least one weight must be > 0")
+        for key in ("seq_len", "batch_size", "rope_theta"):
+            if getattr(self, key) is not None and not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # Entries are files, folders or globs (.txt, .jsonl, .parquet) or the built-in corpus
-    # `stdlib:train` / `stdlib:eval` (the Python standard library's own source files).
+    # Entries are files, folders or globs (.txt, .jsonl, .jsonl.gz, .jsonl.zst, .parquet,
+    # .array_record), the built-in corpus `stdlib:train` / `stdlib:eval` (the Python standard
+    # library's own source files), or token shards from `python -m jaxllm.data.prepare`
+    # (`prepared:DIR`, or a folder holding manifest.json).
     train: tuple[str, ...] = ("stdlib:train",)
     eval: tuple[str, ...] = ("stdlib:eval",)
     text_field: str = "text"
@@ -44,6 +120,24 @@ class DataConfig:
     # Threads grain uses to read and tokenize (0: in the training process).
     num_workers: int = 0
     strict: bool = False
+    # Packing of documents into rows (jaxllm.data.packing): greedy (stream order, documents cut
+    # at row ends) or best_fit (best-fit-decreasing from a buffer of pack_buffer documents; a
+    # document that fits a row stays whole). Documents longer than a row: split (continue in the
+    # next rows) or truncate (keep the first seq_len + 1 tokens).
+    packing: Literal["greedy", "best_fit"] = "greedy"
+    split_policy: Literal["split", "truncate"] = "split"
+    pack_buffer: int = 256
+
+    def __post_init__(self):  # DataConfig's range checks (ConfigError "data: ..." via build)
+        if self.pack_buffer <= 0:
+            raise ValueError(f"pack_buffer must be > 0, got {self.pack_buffer}")
+
+    # Pretraining mixtures (jaxllm.data.mixture): named sources, and stages that set their
+    # weights (and seq_len, batch_size, rope_theta) from a step on. Without sources, data.train
+    # is the one source, named "train" (with sources, data.train only feeds the training of an
+    # `auto` tokenizer); without stages, one stage covers the run.
+    sources: tuple[SourceConfig, ...] = ()
+    stages: tuple[StageConfig, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,6 +351,11 @@ def _coerce(value: Any, tp, key: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return FrozenDict({_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()})
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -330,6 +429,96 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _validate_mixture(cfg)
+
+
+# ----------------------------------------------------------------------------- mixture stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One curriculum stage, resolved: `stage_plan(cfg)[i]`."""
+
+    index: int
+    name: str
+    start_step: int  # the first step (state.step before it) that trains on this stage's batches
+    weights: tuple[float, ...]  # per source of `mixture_sources`, in order, summing to 1
+    seq_len: int
+    batch_size: int  # global rows per step
+    rope_theta: float | None  # None: model.rope_theta unchanged
+
+
+def mixture_sources(data: DataConfig) -> tuple[SourceConfig, ...]:
+    """`data.sources`, or the one implicit source "train" made of data.train."""
+    return data.sources or (SourceConfig(name="train", train=data.train, text_field=data.text_field),)
+
+
+def stage_plan(cfg: Config) -> tuple[Stage, ...]:
+    """`data.stages` resolved: start steps (start_tokens converted), normalised weights, shapes.
+
+    Raises ConfigError naming the key of anything inconsistent.
+    """
+    d = cfg.data
+    names = [s.name for s in mixture_sources(d)]
+    if not d.stages and len(names) > 1:
+        raise ConfigError(f"data.stages: required with more than one source in data.sources ({', '.join(names)}); "
+                          "give the stages' weights")
+    out: list[Stage] = []
+    tokens_at_start = 0  # tokens (batch_size * seq_len per step) before the stage's start
+    for i, st in enumerate(d.stages or (StageConfig(),)):
+        key = f"data.stages[{i}]"
+        for k in st.weights:
+            if k not in names:
+                raise ConfigError(f"{key}.weights.{k}: no such source; data.sources names: {', '.join(names)}")
+        if not st.weights and len(names) > 1:
+            raise ConfigError(f"{key}.weights: required with more than one source ({', '.join(names)})")
+        raw = [st.weights.get(n, 0.0) for n in names] if st.weights else [1.0]
+        weights = tuple(w / sum(raw) for w in raw)
+        if i == 0:
+            if st.start_step or st.start_tokens:
+                raise ConfigError(f"{key}: the first stage starts at step 0 (got start_step "
+                                  f"{st.start_step}, start_tokens {st.start_tokens})")
+            start = 0
+        else:
+            prev = out[-1]
+            per_step = prev.batch_size * prev.seq_len
+            if st.start_step is not None:
+                start = st.start_step
+            elif st.start_tokens is not None:
+                if st.start_tokens <= tokens_at_start:
+                    raise ConfigError(f"{key}.start_tokens ({st.start_tokens}) must be after the start of "
+                                      f"data.stages[{i - 1}] ({tokens_at_start} tokens)")
+                start = prev.start_step + -(-(st.start_tokens - tokens_at_start) // per_step)
+            else:
+                raise ConfigError(f"{key}: set start_step or start_tokens")
+            if start <= prev.start_step:
+                raise ConfigError(f"{key}.start_step ({start}) must be after the start of "
+                                  f"data.stages[{i - 1}] (step {prev.start_step})")
+            tokens_at_start += (start - prev.start_step) * per_step
+        out.append(Stage(index=i, name=st.name or f"stage{i}", start_step=start, weights=weights,
+                         seq_len=st.seq_len or d.seq_len, batch_size=st.batch_size or cfg.trainer.batch_size,
+                         rope_theta=st.rope_theta))
+    return tuple(out)
+
+
+def _validate_mixture(cfg: Config) -> None:
+    d = cfg.data
+    if not (d.sources or d.stages):
+        return
+    if cfg.task != "pretrain":
+        raise ConfigError(f"data.sources / data.stages: mixtures are for task pretrain, not {cfg.task}")
+    seen = set()
+    for i, s in enumerate(d.sources):
+        if s.name in seen:
+            raise ConfigError(f"data.sources[{i}].name: {s.name!r} names two sources")
+        seen.add(s.name)
+    for st in stage_plan(cfg):
+        key = f"data.stages[{st.index}]"
+        if st.batch_size % cfg.trainer.grad_accum_steps:
+            raise ConfigError(f"{key}.batch_size ({st.batch_size}) must be divisible by "
+                              f"trainer.grad_accum_steps ({cfg.trainer.grad_accum_steps})")
+        if st.seq_len > cfg.model.max_seq_len:
+            raise ConfigError(f"{key}.seq_len ({st.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
 
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
@@ -349,6 +538,8 @@ def to_dict(cfg) -> dict:
             return {f.name: conv(getattr(x, f.name)) for f in dataclasses.fields(x)}
         if isinstance(x, (list, tuple)):
             return [conv(v) for v in x]
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
         return x
 
     return conv(cfg)
@@ -362,6 +553,7 @@ def dump_yaml(cfg, path: str) -> None:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "OptimizerConfig", "ScheduleConfig", "TrainerConfig",
     "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling", "SFTConfig",
-    "PreferenceConfig", "LoraConfig",
+    "PreferenceConfig", "LoraConfig", "SourceConfig", "StageConfig", "Stage", "FrozenDict",
+    "mixture_sources", "stage_plan",
     "load_config", "build", "validate", "to_dict", "dump_yaml", "apply_override",
 ]

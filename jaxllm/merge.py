@@ -182,6 +182,10 @@ def merge_run(run_dir: str, method: str, last: int, out_dir: str, interval: int 
     if os.path.abspath(out_dir) == os.path.abspath(run_dir):
         raise ValueError("--out must differ from the run directory (it would add a step 0 to the run)")
     cfg = load_config(cfg_path)
+    if cfg.lora.enabled or cfg.task == "reward":
+        raise ValueError(f"{run_dir}: PMA merges full decoder checkpoints; this run's checkpoints hold "
+                         f"{'LoRA adapters' if cfg.lora.enabled else 'a reward head'} (merge the adapters "
+                         "into the base first, e.g. through load_run and save_params)")
     ckpt = Checkpointer(run_dir, async_save=False)
     try:
         steps = select_steps(ckpt.all_steps(), last, interval)
@@ -196,7 +200,10 @@ def merge_run(run_dir: str, method: str, last: int, out_dir: str, interval: int 
         merged = merger.result()
     finally:
         ckpt.close()
-    save_params(cfg.model, merged, out_dir, cfg=cfg)
+    from jaxllm.data.mixture import model_config_at
+
+    # A curriculum's last merged stage sets the model (e.g. its long-context rope_theta).
+    save_params(model_config_at(cfg, steps[-1]), merged, out_dir, cfg=cfg)
     from jaxllm.data.tokenizer import keep_tokenizer, saved_tokenizer
 
     if saved_tokenizer(run_dir):  # the merged model keeps the run's tokenizer beside it

@@ -9,6 +9,7 @@ resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -273,22 +274,54 @@ def train(cfg: config_lib.Config) -> dict:
                  f"mesh {dict(mesh.shape)}, {jax.device_count()} {jax.devices()[0].platform} devices, "
                  f"{'resuming from step ' + str(start) if start else 'from scratch'}, run dir {run_dir}")
 
+    staged = {cfg.model: trainer}  # one compiled trainer per stage model (rope_theta may change)
+
+    def trainer_at(step: int) -> Trainer:
+        if cfg.task != "pretrain" or not cfg.data.stages:
+            return trainer
+        from jaxllm.data.mixture import model_config_at
+
+        model = model_config_at(cfg, step)
+        if model not in staged:
+            logger.write(f"step {step}: stage model {model_overrides_text(cfg.model, model)}")
+            staged[model] = Trainer(dataclasses.replace(cfg, model=model), mesh)
+        return staged[model]
+
+    def data_stats() -> dict:
+        from jaxllm.data.packing import packing_stats
+
+        out = dict(train_iter.stats()) if hasattr(train_iter, "stats") else {}
+        if cfg.task == "pretrain":
+            out["padding_fraction"] = packing_stats(train_iter)["padding_fraction"]
+        return out
+
     summary = {"start_step": start}
     if start == 0:
-        ev = trainer.evaluate(state, eval_batches)
+        ev = trainer_at(0).evaluate(state, eval_batches)
         summary["initial_eval"] = ev
         summary["initial_eval_loss"] = ev["eval_loss"]
         logger.log(0, ev)
+
+    def log_pending():
+        m = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
+        summary["last_loss"] = m["loss"]
+        logger.log(pending[0], m | data_stats(), advance=1)
 
     preempted = _Preempted()
     pending = None  # (step, device metrics) of the step before the one in flight
     last_time, last_step, compile_s = time.perf_counter(), start, None
     paused = 0.0  # seconds spent in eval and checkpoint calls, kept out of step timing
     step = start
+    exhausted = False
     try:
         while step < t.total_steps:
-            batch = trainer.to_global(next(train_iter))
-            state, metrics = trainer.train_step(state, batch)
+            try:
+                local = next(train_iter)
+            except StopIteration:  # a source with on_exhaust: stop ran out
+                exhausted = True
+                break
+            current = trainer_at(step)
+            state, metrics = current.train_step(state, current.to_global(local))
             step += 1
             if compile_s is None:
                 jax.block_until_ready(metrics)
@@ -305,7 +338,7 @@ def train(cfg: config_lib.Config) -> dict:
                     m["mfu"] = flops_per_token * m["tokens"] / dt / (peak * 1e12 * jax.device_count())
                 last_time, last_step, paused = now, p_step, 0.0
                 summary["last_loss"] = m["loss"]
-                logger.log(p_step, m, advance=1)
+                logger.log(p_step, m | data_stats(), advance=1)
                 pending = None
             if step % cfg.logging.every_steps == 0 or step == t.total_steps:
                 pending = (step, metrics)
@@ -318,7 +351,7 @@ def train(cfg: config_lib.Config) -> dict:
                 jax.block_until_ready(metrics)  # the step's own time stays in the step timing
                 t0 = time.perf_counter()
                 if do_eval:
-                    ev = trainer.evaluate(state, eval_batches)
+                    ev = current.evaluate(state, eval_batches)
                     summary["final_eval"] = ev
                     summary["final_eval_loss"] = ev["eval_loss"]
                     logger.log(step, ev)
@@ -326,14 +359,22 @@ def train(cfg: config_lib.Config) -> dict:
                     ckpt.save(step, state, train_iter.get_state())
                 paused += time.perf_counter() - t0
             if stop:
+                if pending is not None:
+                    log_pending()
                 logger.write(f"SIGTERM: saved a checkpoint at step {step}, exiting")
                 if ckpt:
                     ckpt.wait()
                 raise SystemExit(143)
         if pending is not None:
-            m = {k: float(v) for k, v in jax.device_get(pending[1]).items()}
-            summary["last_loss"] = m["loss"]
-            logger.log(pending[0], m, advance=1)
+            log_pending()
+        if exhausted:
+            logger.write(f"data: a source with on_exhaust: stop ran out after step {step}; "
+                         "evaluating, saving and ending the run")
+            ev = trainer_at(step).evaluate(state, eval_batches)
+            summary["final_eval"], summary["final_eval_loss"] = ev, ev["eval_loss"]
+            logger.log(step, ev)
+            if ckpt is not None and ckpt.latest_step() != step:
+                ckpt.save(step, state, train_iter.get_state())
     finally:
         preempted.restore()
         if ckpt:
@@ -343,7 +384,7 @@ def train(cfg: config_lib.Config) -> dict:
     summary["final_step"] = step
     sample = t.sample_tokens > 0 and cfg.task != "reward"  # a reward model does not generate
     if sample:
-        params = trainer.effective(state.params, state.frozen)
+        params = trainer_at(step).effective(state.params, state.frozen)
         if jax.process_count() > 1:  # params may be sharded across hosts: every process gathers
             from jax.experimental import multihost_utils
 
@@ -352,11 +393,16 @@ def train(cfg: config_lib.Config) -> dict:
     if sample and jax.process_index() == 0:
         from jaxllm.generate import sample_text
 
-        text = sample_text(cfg, params, tokenizer, t.sample_prompt,
+        text = sample_text(trainer_at(step).cfg, params, tokenizer, t.sample_prompt,
                            max_new_tokens=t.sample_tokens, temperature=0.8, seed=t.seed)
         summary["sample"] = text
         print(f"\n--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}{text}\n---", flush=True)
     return summary
+
+
+def model_overrides_text(old, new) -> str:
+    return ", ".join(f"{f.name} {getattr(old, f.name)} -> {getattr(new, f.name)}"
+                     for f in dataclasses.fields(old) if getattr(old, f.name) != getattr(new, f.name)) or "unchanged"
 
 
 def check_runtime(cfg: config_lib.Config) -> None:
@@ -374,14 +420,17 @@ def check_runtime(cfg: config_lib.Config) -> None:
     if cfg.model.attention == "pallas" and platform not in ("gpu", "tpu"):
         raise config_lib.ConfigError(f"model.attention=pallas needs a GPU or TPU, this machine has {platform} "
                                      "devices; valid here: xla")
-    micro = cfg.trainer.batch_size // cfg.trainer.grad_accum_steps
-    if micro % (data * fsdp):
-        raise config_lib.ConfigError(
-            f"trainer.batch_size / trainer.grad_accum_steps = {micro} rows must divide over the "
-            f"{data * fsdp} data-parallel shards (mesh.data * mesh.fsdp)")
-    if cfg.trainer.batch_size % jax.process_count():
-        raise config_lib.ConfigError(f"trainer.batch_size ({cfg.trainer.batch_size}) must divide over "
-                                     f"{jax.process_count()} processes")
+    sizes = {"trainer.batch_size": cfg.trainer.batch_size}
+    if cfg.task == "pretrain":  # a curriculum stage may set its own batch size
+        sizes |= {f"data.stages[{i}].batch_size": s.batch_size for i, s in enumerate(config_lib.stage_plan(cfg))}
+    for key, size in sizes.items():
+        micro = size // cfg.trainer.grad_accum_steps
+        if micro % (data * fsdp):
+            raise config_lib.ConfigError(
+                f"{key} / trainer.grad_accum_steps = {micro} rows must divide over the "
+                f"{data * fsdp} data-parallel shards (mesh.data * mesh.fsdp)")
+        if size % jax.process_count():
+            raise config_lib.ConfigError(f"{key} ({size}) must divide over {jax.process_count()} processes")
 
 
 def configure(path: str, overrides) -> config_lib.Config | None:

@@ -8,7 +8,9 @@ shuffle, so no coordination is needed; the shuffle is seeded by `data.seed` and 
 epoch; the stream repeats forever. Tokenization runs on random-access grain datasets; packing,
 a windowed shuffle of the packed rows and batching on the iterator. The returned iterator's
 `get_state()` is a small JSON-able dict and `set_state()` resumes with exactly the batches the
-original would have produced next.
+original would have produced next. `make_train_iterator` builds this pipeline per source of a
+mixture and switches weights and shapes by curriculum stage (`jaxllm.data.mixture`); with one
+source and one stage its batches are `train_dataset`'s.
 
 Evaluation: one fixed stream of rows shared by all processes (the eval documents in a fixed
 order, independent of `data.seed` and of the process count), cut into global batches of
@@ -18,6 +20,7 @@ same number of batches.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import grain
@@ -64,7 +67,9 @@ class Tokenize:
         self.prefix = [tokenizer.bos_id] if add_bos else []
         self.suffix = [tokenizer.eos_id] if add_eos else []
 
-    def __call__(self, text: str) -> np.ndarray:
+    def __call__(self, text: str | np.ndarray) -> np.ndarray:
+        if isinstance(text, np.ndarray):  # already tokenized (prepared shards): checked, passed through
+            return sources.check_prepared(text, self.tokenizer, bool(self.prefix), bool(self.suffix))
         return np.asarray(self.prefix + self.tokenizer.encode(text) + self.suffix, dtype=np.int32)
 
 
@@ -89,7 +94,8 @@ def train_dataset(data_cfg, tokenizer, batch_size: int, *, process_index: int, p
     docs = docs.shuffle(seed=data_cfg.seed).repeat()
     ids = docs.map(Tokenize(tokenizer, data_cfg.add_bos, data_cfg.add_eos))
     rows = PackIterDataset(ids.to_iter_dataset(_read_options(data_cfg.num_workers)), data_cfg.seq_len,
-                           tokenizer.pad_id)
+                           tokenizer.pad_id, method=data_cfg.packing, split_policy=data_cfg.split_policy,
+                           buffer_docs=data_cfg.pack_buffer)
     # A long document fills many consecutive rows; shuffling rows within a window spreads its
     # rows over many batches, so one batch is not a few documents' consecutive chunks.
     window = max(batch_size, ROW_SHUFFLE_TOKENS // data_cfg.seq_len)
@@ -129,17 +135,20 @@ class DataIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(cfg, tokenizer, *, process_index: int | None = None,
-                        process_count: int | None = None) -> DataIterator:
-    """Endless per-process training batches of `trainer.batch_size // process_count` rows."""
+                        process_count: int | None = None):
+    """Per-process training batches of `batch_size // process_count` rows: a
+    `jaxllm.data.mixture.MixtureIterator` over `data.sources` and `data.stages` (without them,
+    data.train through one stage: the same batches as `train_dataset`). Endless unless a source
+    with `on_exhaust: stop` runs out (then StopIteration)."""
+    from jaxllm.data.mixture import MixtureIterator
+
     process_index, process_count = _process(process_index, process_count)
-    batch = _per_process_batch(cfg.trainer.batch_size, process_count)
-    d = cfg.data
-    ds = train_dataset(d, tokenizer, batch, process_index=process_index, process_count=process_count)
-    settings = {"train": list(d.train), "text_field": d.text_field, "seq_len": d.seq_len,
-                "batch": batch, "seed": d.seed, "add_bos": d.add_bos, "add_eos": d.add_eos,
-                "vocab_size": tokenizer.vocab_size, "process_index": process_index,
-                "process_count": process_count}
-    return DataIterator(ds.__iter__(), settings)
+    return MixtureIterator(cfg, tokenizer, process_index=process_index, process_count=process_count)
+
+
+def eval_source_names(cfg) -> list[str]:
+    """Names of the data.sources entries that list eval files, for per-source eval losses."""
+    return [s.name for s in cfg.data.sources if s.eval]
 
 
 def _padding_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -150,8 +159,10 @@ def _padding_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
 
 
 def make_eval_batches(cfg, tokenizer, num_batches: int, *, process_index: int | None = None,
-                      process_count: int | None = None) -> list[dict[str, np.ndarray]]:
-    """Up to `num_batches` fixed held-out batches (at least one) from `data.eval`.
+                      process_count: int | None = None, source_name: str | None = None
+                      ) -> list[dict[str, np.ndarray]]:
+    """Up to `num_batches` fixed held-out batches (at least one) from `data.eval`, or with
+    `source_name` from that entry of data.sources's own eval files (`eval_source_names(cfg)`).
 
     The last rows are padding (loss_mask 0) when the eval set runs out mid-batch.
     """
@@ -160,11 +171,18 @@ def make_eval_batches(cfg, tokenizer, num_batches: int, *, process_index: int | 
     process_index, process_count = _process(process_index, process_count)
     batch = _per_process_batch(cfg.trainer.batch_size, process_count)
     d = cfg.data
+    if source_name is not None:
+        spec = {s.name: s for s in d.sources}.get(source_name)
+        if spec is None or not spec.eval:
+            raise ValueError(f"data.sources has no source {source_name!r} with eval files (sources with "
+                             f"some: {', '.join(eval_source_names(cfg)) or 'none'})")
+        d = dataclasses.replace(d, eval=spec.eval, text_field=spec.text_field or d.text_field)
     source = sources.open_source(d.eval, text_field=d.text_field, strict=d.strict,
                                  eval_fraction=d.eval_fraction)
     docs = grain.MapDataset.source(source).shuffle(seed=_EVAL_ORDER_SEED)
     ids = docs.map(Tokenize(tokenizer, d.add_bos, d.add_eos))
-    rows_it = PackIterDataset(ids.to_iter_dataset(_read_options(0)), d.seq_len, tokenizer.pad_id).__iter__()
+    rows_it = PackIterDataset(ids.to_iter_dataset(_read_options(0)), d.seq_len, tokenizer.pad_id, method=d.packing,
+                              split_policy=d.split_policy, buffer_docs=d.pack_buffer).__iter__()
     # Every process builds the same global rows and keeps its slice of each global batch. Rows
     # are taken evenly spaced over the whole eval stream (up to EVAL_SCAN_ROWS_FACTOR times the
     # rows needed), so a few unusual documents at its start cannot dominate the estimate.
