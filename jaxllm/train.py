@@ -167,8 +167,8 @@ class Trainer:
             sums = out if sums is None else jax.tree.map(np.add, sums, out)
         metrics = {k: float(v) for k, v in self.objective.finalize(sums).items()}
         out = {f"eval_{k}": v for k, v in metrics.items()}
-        if self.cfg.task in ("pretrain", "sft"):
-            out["eval_ppl"] = float(np.exp(min(metrics["loss"], 50.0)))
+        if self.cfg.task in ("pretrain", "sft"):  # per-token NLL (sft's loss may be a sum or add UL)
+            out["eval_ppl"] = float(np.exp(min(metrics.get("nll", metrics["loss"]), 50.0)))
         return out
 
 
