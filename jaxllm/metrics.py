@@ -63,8 +63,10 @@ class MetricsLogger:
             if advance:
                 self._bar.update(advance)
             if "eval_loss" in clean:
-                self._bar.write(f"step {step}: eval loss {clean['eval_loss']:.4f}, "
-                                f"perplexity {clean.get('eval_ppl', float('nan')):.2f}")
+                extra = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy",
+                         "eval_rewards/accuracies": "reward accuracy", "eval_rewards/margins": "reward margin"}
+                shown = ", ".join(f"{name} {clean[k]:.4g}" for k, name in extra.items() if k in clean)
+                self._bar.write(f"step {step}: eval loss {clean['eval_loss']:.4f}" + (f", {shown}" if shown else ""))
                 return
             shown = {k: clean[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
             self._bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},

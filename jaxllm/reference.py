@@ -69,7 +69,8 @@ def compute(cfg, trainer, tokenizer, params, split: str) -> dict[str, np.ndarray
     n = tasks.split_size(cfg, tokenizer, split)
     score = jax.jit(trainer.objective.reference_fields)
     out: dict[str, np.ndarray] = {}
-    for local in tasks.iterate_split_once(cfg, tokenizer, split):
+    passes = tasks.iterate_split_once(cfg, tokenizer, split)
+    for local in passes:
         batch = trainer.to_global(local)
         fields = score(params, batch)
         index = _host(batch["index"])
@@ -77,10 +78,22 @@ def compute(cfg, trainer, tokenizer, params, split: str) -> dict[str, np.ndarray
         for name, value in fields.items():
             arr = out.setdefault(name, np.full(n, np.nan, np.float32))
             arr[index[real]] = _host(value)[real]
-    missing = sum(int(np.isnan(a).sum()) for a in out.values())
-    if not out or missing:
-        raise RuntimeError(f"reference pass over {split} left {missing} of {n} examples unscored")
-    return out
+    # Examples the data pipeline skips (too long, malformed) are never trained on and stay
+    # unscored; any other gap is a bug.
+    skipped = int(_host_sum(sum(passes.skipped.values())))
+    missing = int(np.isnan(next(iter(out.values()))).sum()) if out else n
+    if not out or missing != skipped:
+        raise RuntimeError(f"reference pass over {split}: {missing} of {n} examples unscored but "
+                           f"{skipped} skipped by the data pipeline")
+    return {k: np.nan_to_num(v, nan=0.0) for k, v in out.items()}
+
+
+def _host_sum(x: int) -> int:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return int(np.sum(multihost_utils.process_allgather(np.asarray(x))))
+    return x
 
 
 def load_or_compute(cfg, trainer, tokenizer, get_params: Callable[[], dict], run_dir: str,

@@ -1,0 +1,136 @@
+"""`python -m jaxllm.evaluate --checkpoint RUN_DIR [--answers FILE] [--pairs FILE]`
+
+Held-out numbers for a chat model, printed as one JSON line:
+
+- `answer_accuracy`: greedy replies to the prompts of `--answers` (records with `messages`
+  ending in the reference reply, or `prompt` + `answer`) that equal the exact answer
+  (`jaxllm.data.synthetic.answer_accuracy`).
+- `preference_accuracy`: the fraction of `--pairs` (UltraFeedback-style prompt / chosen /
+  rejected) where the model gives the chosen reply a higher log-probability than the rejected
+  one, both summed over the reply's tokens; plus the mean log-prob margin.
+
+Prompts are rendered with the run's chat template (`sft.template`) and tokenized exactly as in
+training (`PromptCompletionEncoder`), so the numbers mean the same after SFT and after DPO.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import jax
+import numpy as np
+
+# Turn-end markers of the built-in templates: a reply is cut at the first one, as at the EOS.
+END_MARKERS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>")
+
+
+def _encoder(cfg, tokenizer):
+    from jaxllm.data.preference_data import PromptCompletionEncoder
+
+    return PromptCompletionEncoder(tokenizer, cfg.sft.template, seq_len=cfg.data.seq_len,
+                                   add_bos=cfg.data.add_bos)
+
+
+def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_size: int = 64):
+    """prompt message lists -> greedy reply strings (the `answer_accuracy` contract)."""
+    from jaxllm.generate import _stop_ids, generate
+
+    encoder = _encoder(cfg, tokenizer)
+
+    def generate_fn(prompts):
+        # The generation prompt is everything before the reply: encode with a placeholder reply.
+        ids = [encoder.truncate_prompt(encoder.encode(p, "x")[0]).tolist() for p in prompts]
+        replies = []
+        for start in range(0, len(ids), batch_size):
+            outs = generate(cfg.model, params, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
+                            temperature=0.0, stop_tokens=_stop_ids(tokenizer), pad_id=max(tokenizer.pad_id, 0))
+            for new in outs:
+                text = tokenizer.decode(new)
+                for marker in END_MARKERS:
+                    text = text.split(marker)[0]
+                replies.append(text)
+        return replies
+
+    return generate_fn
+
+
+def preference_accuracy(cfg, params, tokenizer, pairs_file: str) -> dict:
+    """Chosen-over-rejected log-prob accuracy and mean margin on a pairs file."""
+    from jaxllm.data import tasks
+    from jaxllm.objectives.lm import sequence_logps
+
+    pair_cfg = dataclasses.replace(cfg, task="dpo", data=dataclasses.replace(cfg.data, eval=(pairs_file,)),
+                                   preference=dataclasses.replace(cfg.preference, loss_type="sigmoid"))
+
+    @jax.jit
+    def logps(params, batch):
+        def side(prefix):
+            return sequence_logps(cfg.model, params, *(batch[f"{prefix}_{k}"] for k in
+                                  ("tokens", "targets", "positions", "segment_ids", "loss_mask")))[0]
+        return side("chosen"), side("rejected")
+
+    right, margins = 0, []
+    for batch in tasks.iterate_split_once(pair_cfg, tokenizer, "eval", process_index=0, process_count=1):
+        c, r = (np.asarray(x) for x in logps(params, batch))
+        real = batch["pair_mask"] > 0
+        right += int(np.sum((c > r)[real]))
+        margins.extend((c - r)[real].tolist())
+    if not margins:
+        raise ValueError(f"{pairs_file}: no preference pairs")
+    return {"preference_accuracy": right / len(margins), "logp_margin": float(np.mean(margins)),
+            "n_pairs": len(margins)}
+
+
+def evaluate_run(run_dir: str, answers: str | None = None, pairs: str | None = None, *,
+                 step: int | None = None, limit: int = 0, max_new_tokens: int = 24) -> dict:
+    from jaxllm.checkpoint import load_run
+    from jaxllm.data import synthetic
+    from jaxllm.data.tokenizer import run_tokenizer
+
+    cfg, params = load_run(run_dir, step)
+    tokenizer = run_tokenizer(cfg, run_dir)
+    out: dict = {"checkpoint": run_dir}
+    if answers:
+        records = synthetic.read_jsonl(answers)[: limit or None]
+        fn = make_generate_fn(cfg, params, tokenizer, max_new_tokens=max_new_tokens)
+        out |= {"answer_accuracy": synthetic.answer_accuracy(fn, records), "n_answers": len(records)}
+        tasks = sorted({r["task"] for r in records if "task" in r})
+        if len(tasks) > 1:  # per task: which skills the model has
+            out["answer_accuracy_by_task"] = {
+                t: synthetic.answer_accuracy(fn, [r for r in records if r.get("task") == t]) for t in tasks}
+    if pairs:
+        out |= preference_accuracy(cfg, params, tokenizer, pairs)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxllm.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a run, params or PMA-merge directory")
+    parser.add_argument("--answers", help="jsonl of prompts with exact answers")
+    parser.add_argument("--pairs", help="jsonl of preference pairs (prompt, chosen, rejected)")
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--limit", type=int, default=0, help="score only the first N answer records")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if not (args.answers or args.pairs):
+        parser.error("give --answers, --pairs or both")
+    try:
+        result = evaluate_run(args.checkpoint, args.answers, args.pairs, step=args.step, limit=args.limit,
+                              max_new_tokens=args.max_new_tokens)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    line = json.dumps(result)
+    print(line)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
