@@ -155,6 +155,8 @@ class OptimizerConfig:
 class ScheduleConfig:
     name: Literal["wsd", "cosine", "linear", "constant"] = "wsd"
     warmup_steps: int = 100
+    # > 0: warm up for this fraction of trainer.total_steps instead (e.g. Tulu 3's 0.03).
+    warmup_ratio: float = 0.0
     decay_fraction: float = 0.1
     decay_shape: Literal["linear", "cosine", "1-sqrt"] = "linear"
     min_lr: float = 0.0
@@ -417,7 +419,8 @@ def validate(cfg: Config) -> None:
         (cfg.checkpoint.keep > 0, "checkpoint.keep must be > 0"),
         (cfg.logging.every_steps > 0, "logging.every_steps must be > 0"),
         (0.0 <= cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction must be in [0, 1]"),
-        (0 <= cfg.schedule.warmup_steps <= t.total_steps,
+        (0.0 <= cfg.schedule.warmup_ratio < 1.0, "schedule.warmup_ratio must be in [0, 1)"),
+        (cfg.schedule.warmup_ratio > 0 or 0 <= cfg.schedule.warmup_steps <= t.total_steps,
          "schedule.warmup_steps must be between 0 and trainer.total_steps"),
         (0.0 < d.eval_fraction < 1.0, "data.eval_fraction must be in (0, 1)"),
         (all(x == -1 or x > 0 for x in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),

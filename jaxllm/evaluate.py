@@ -72,16 +72,27 @@ def preference_accuracy(cfg, params, tokenizer, pairs_file: str) -> dict:
                                   ("tokens", "targets", "positions", "segment_ids", "loss_mask")))[0]
         return side("chosen"), side("rejected")
 
-    right, margins = 0, []
+    from jaxllm.data import synthetic
+
+    records = synthetic.read_jsonl(pairs_file) if pairs_file.endswith(".jsonl") else []
+    task_of = [r.get("task") for r in records]
+    if len(task_of) != tasks.split_size(pair_cfg, tokenizer, "eval"):
+        task_of = []  # malformed lines were dropped: indices no longer line up with the file
+    wins, margins, by_task = [], [], {}
     for batch in tasks.iterate_split_once(pair_cfg, tokenizer, "eval", process_index=0, process_count=1):
         c, r = (np.asarray(x) for x in logps(params, batch))
-        real = batch["pair_mask"] > 0
-        right += int(np.sum((c > r)[real]))
-        margins.extend((c - r)[real].tolist())
+        for i in np.flatnonzero(batch["index"] >= 0):
+            wins.append(bool(c[i] > r[i]))
+            margins.append(float(c[i] - r[i]))
+            if task_of and task_of[batch["index"][i]] is not None:
+                by_task.setdefault(task_of[batch["index"][i]], []).append(wins[-1])
     if not margins:
         raise ValueError(f"{pairs_file}: no preference pairs")
-    return {"preference_accuracy": right / len(margins), "logp_margin": float(np.mean(margins)),
-            "n_pairs": len(margins)}
+    out = {"preference_accuracy": float(np.mean(wins)), "logp_margin": float(np.mean(margins)),
+           "n_pairs": len(margins)}
+    if len(by_task) > 1:
+        out["preference_accuracy_by_task"] = {t: float(np.mean(v)) for t, v in sorted(by_task.items())}
+    return out
 
 
 def evaluate_run(run_dir: str, answers: str | None = None, pairs: str | None = None, *,

@@ -57,12 +57,20 @@ def constant_schedule(peak_lr, total_steps, warmup_steps, min_lr=0.0) -> optax.S
         boundaries=[warmup_steps])
 
 
+def warmup_steps(sched_cfg, total_steps: int) -> int:
+    """`schedule.warmup_ratio` of the run when set (TRL / open-instruct style), else warmup_steps."""
+    if sched_cfg.warmup_ratio > 0:
+        return max(1, round(sched_cfg.warmup_ratio * total_steps))
+    return sched_cfg.warmup_steps
+
+
 def make_schedule(opt_cfg, sched_cfg, total_steps: int) -> optax.Schedule:
     s = sched_cfg
+    warmup = warmup_steps(s, total_steps)
     if s.name == "wsd":
-        return wsd_schedule(opt_cfg.lr, total_steps, s.warmup_steps, s.decay_fraction, s.decay_shape, s.min_lr)
+        return wsd_schedule(opt_cfg.lr, total_steps, warmup, s.decay_fraction, s.decay_shape, s.min_lr)
     builders = {"cosine": cosine_schedule, "linear": linear_schedule, "constant": constant_schedule}
-    return builders[s.name](opt_cfg.lr, total_steps, s.warmup_steps, s.min_lr)
+    return builders[s.name](opt_cfg.lr, total_steps, warmup, s.min_lr)
 
 
 def weight_decay_mask(params):

@@ -52,7 +52,8 @@ def test_two_processes_save_one_data_state_each(two_process_ref):
     data_dir = run_dir / "checkpoints" / str(TOTAL) / "data"
     states = [json.loads((data_dir / f"process_{i}-of-2.json").read_text()) for i in range(2)]
     assert [s["settings"]["process_index"] for s in states] == [0, 1]
-    assert all(s["settings"]["process_count"] == 2 and s["settings"]["batch"] == 2 for s in states)
+    assert all(s["settings"]["process_count"] == 2 and s["settings"]["stages"][0]["batch"] == 2
+               for s in states)
 
 
 def test_two_process_sigkill_then_resume_equals_uninterrupted(two_process_ref):

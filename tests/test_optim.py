@@ -40,3 +40,14 @@ def test_weight_decay_skips_norms_and_biases():
     mask = weight_decay_mask(params)
     assert mask == {"embed": True, "final_norm": False,
                     "layers": {"wq": True, "bq": False, "attn_norm": False, "w_up": True}}
+
+
+def test_warmup_ratio_sets_the_warmup_length():
+    from jaxllm.config import OptimizerConfig, ScheduleConfig
+    from jaxllm.optim import make_schedule
+
+    sched = make_schedule(OptimizerConfig(lr=1.0), ScheduleConfig(name="linear", warmup_steps=7, warmup_ratio=0.03),
+                          total_steps=1000)
+    # 30 warmup steps (3% of 1000), not 7: the peak is reached at step 30, then linear decay to 0.
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 15, 30, 515, 1000)], [0.0, 0.5, 1.0, 0.5, 0.0],
+                               atol=1e-6)

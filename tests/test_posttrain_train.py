@@ -106,3 +106,36 @@ def test_reward_model_learns_and_starts_at_log2(data, tmp_path):
     assert summary["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: r_c = r_r
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert summary["final_eval"]["eval_accuracy"] > 0.5
+
+
+def test_evaluate_preference_accuracy_matches_a_direct_forward(data, tmp_path):
+
+    from jaxllm.checkpoint import load_run
+    from jaxllm.data.preference_data import PromptCompletionEncoder
+    from jaxllm.data.tokenizer import run_tokenizer
+    from jaxllm.evaluate import evaluate_run
+    from jaxllm.models import forward
+
+    run = tmp_path / "sft"
+    train(_cfg(data, "sft", run, steps=4))
+    pairs = str(data["dir"] / "pref_eval.jsonl")
+    got = evaluate_run(str(run), pairs=pairs)
+    cfg, params = load_run(str(run))
+    tok = run_tokenizer(cfg, str(run))
+    enc = PromptCompletionEncoder(tok, cfg.sft.template, seq_len=cfg.data.seq_len, add_bos=cfg.data.add_bos)
+
+    def logp(prompt, reply):
+        p, c = enc(prompt, reply)
+        ids = np.concatenate([p, c])
+        logits = np.asarray(forward(cfg.model, params, ids[None, :-1]), np.float64)[0]
+        logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        return sum(logprobs[len(p) - 1 + j, t] for j, t in enumerate(c))
+
+    records = synthetic.read_jsonl(pairs)
+    margins = [logp(r["chosen"][:-1], r["chosen"][-1]["content"]) - logp(r["rejected"][:-1], r["rejected"][-1]["content"])
+               for r in records]
+    assert got["n_pairs"] == len(records)
+    assert got["preference_accuracy"] == pytest.approx(np.mean(np.asarray(margins) > 0))
+    assert got["logp_margin"] == pytest.approx(np.mean(margins), rel=1e-4, abs=1e-4)
+    assert set(got["preference_accuracy_by_task"]) == {r["task"] for r in records}

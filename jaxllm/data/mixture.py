@@ -255,6 +255,7 @@ class MixtureIterator:
             "stages": [{"start_step": st.start_step, "weights": dict(zip(self.names, st.weights)),
                         "seq_len": st.seq_len, "batch": b} for st, b in zip(self.plan, self._batches)],
             "seed": d.seed, "add_bos": d.add_bos, "add_eos": d.add_eos, "eval_fraction": d.eval_fraction,
+            "packing": d.packing, "split_policy": d.split_policy, "pack_buffer": d.pack_buffer,
             "vocab_size": tokenizer.vocab_size, "process_index": process_index, "process_count": process_count,
         }
         self._stage_index = -1
