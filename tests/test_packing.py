@@ -155,7 +155,8 @@ def test_split_policies_for_documents_longer_than_a_row():
 
 
 @pytest.mark.parametrize("method,split_policy,buffer_docs", [
-    ("best_fit", "split", 3), ("best_fit", "truncate", 5), ("best_fit", "split", 1), ("greedy", "truncate", 1)])
+    ("best_fit", "split", 3), ("best_fit", "truncate", 5), ("best_fit", "split", 1), ("greedy", "truncate", 1),
+    ("greedy", "split", 1)])
 def test_resume_mid_stream_equals_uninterrupted(method, split_policy, buffer_docs):
     rng = np.random.default_rng(7)
     docs = _docs(rng.integers(1, 24, size=40))

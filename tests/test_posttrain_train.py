@@ -48,6 +48,14 @@ def _cfg(data, task, run_dir, steps=8, **sections):
     return build(Config, raw)
 
 
+@pytest.fixture(scope="module")
+def sft_run(data):
+    """A short SFT run that DPO, LoRA and evaluation tests start from (read only)."""
+    run = data["root"] / "sft-base"
+    train(_cfg(data, "sft", run, steps=6))
+    return run
+
+
 def _losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
@@ -70,12 +78,10 @@ def test_sft_resume_equals_uninterrupted(data, tmp_path):
     assert filecmp.cmp(os.path.join(cfg.trainer.run_dir, "tokenizer.model"), data["tokenizer"], shallow=False)
 
 
-def test_dpo_cached_reference_equals_live_and_starts_at_log2(data, tmp_path):
-    sft = _cfg(data, "sft", tmp_path / "sft", steps=6)
-    train(sft)
+def test_dpo_cached_reference_equals_live_and_starts_at_log2(data, sft_run, tmp_path):
     runs = {}
     for ref in ("cached", "live"):
-        cfg = _cfg(data, "dpo", tmp_path / f"dpo-{ref}", steps=4, model={"init_from": str(tmp_path / "sft")},
+        cfg = _cfg(data, "dpo", tmp_path / f"dpo-{ref}", steps=4, model={"init_from": str(sft_run)},
                    preference={"loss_type": "sigmoid", "beta": 0.5, "reference": ref})
         runs[ref] = (train(cfg), _losses(cfg.trainer.run_dir))
     (s_c, l_c), (s_l, l_l) = runs["cached"], runs["live"]
@@ -87,9 +93,8 @@ def test_dpo_cached_reference_equals_live_and_starts_at_log2(data, tmp_path):
     assert s_c["final_eval"]["eval_rewards/margins"] > 0
 
 
-def test_lora_dpo_uses_the_base_as_reference(data, tmp_path):
-    train(_cfg(data, "sft", tmp_path / "sft", steps=6))
-    cfg = _cfg(data, "dpo", tmp_path / "lora-dpo", steps=6, model={"init_from": str(tmp_path / "sft")},
+def test_lora_dpo_uses_the_base_as_reference(data, sft_run, tmp_path):
+    cfg = _cfg(data, "dpo", tmp_path / "lora-dpo", steps=6, model={"init_from": str(sft_run)},
                preference={"loss_type": "sigmoid", "beta": 0.5, "reference": "live"},
                lora={"rank": 4, "alpha": 16.0, "targets": ["wq", "wv", "w_up", "w_down"]},
                optimizer={"lr": 2e-2, "weight_decay": 0.0})
@@ -108,7 +113,7 @@ def test_reward_model_learns_and_starts_at_log2(data, tmp_path):
     assert summary["final_eval"]["eval_accuracy"] > 0.5
 
 
-def test_evaluate_preference_accuracy_matches_a_direct_forward(data, tmp_path):
+def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run):
 
     from jaxllm.checkpoint import load_run
     from jaxllm.data.preference_data import PromptCompletionEncoder
@@ -116,8 +121,7 @@ def test_evaluate_preference_accuracy_matches_a_direct_forward(data, tmp_path):
     from jaxllm.evaluate import evaluate_run
     from jaxllm.models import forward
 
-    run = tmp_path / "sft"
-    train(_cfg(data, "sft", run, steps=4))
+    run = sft_run
     pairs = str(data["dir"] / "pref_eval.jsonl")
     got = evaluate_run(str(run), pairs=pairs)
     cfg, params = load_run(str(run))
