@@ -113,7 +113,7 @@ def test_reward_model_learns_and_starts_at_log2(data, tmp_path):
     assert summary["final_eval"]["eval_accuracy"] > 0.5
 
 
-def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run):
+def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run, tmp_path):
 
     from jaxllm.checkpoint import load_run
     from jaxllm.data.preference_data import PromptCompletionEncoder
@@ -122,7 +122,10 @@ def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run):
     from jaxllm.models import forward
 
     run = sft_run
-    pairs = str(data["dir"] / "pref_eval.jsonl")
+    # 24 pairs: the direct forward below runs one unbatched sequence at a time.
+    lines = (data["dir"] / "pref_eval.jsonl").read_text().splitlines()[:24]
+    pairs = str(tmp_path / "pairs.jsonl")
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     got = evaluate_run(str(run), pairs=pairs)
     cfg, params = load_run(str(run))
     tok = run_tokenizer(cfg, str(run))
