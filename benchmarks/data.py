@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from benchmarks.common import environment, write_results
-from jaxllm.config import ConfigError, load_config
+from jaxllm.config import load_config_or_report
 from jaxllm.data import prepare, sources
 from jaxllm.data.packing import packing_stats
 from jaxllm.data.pipeline import make_train_iterator
@@ -62,10 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results", help="folder for the dated results file ('' = none)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    cfg = load_config_or_report(args.config, args.overrides)
+    if cfg is None:
         return 2
     d = cfg.data
     tokenizer = load_tokenizer(d, cfg.model.vocab_size)

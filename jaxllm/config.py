@@ -533,6 +533,18 @@ def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
     return cfg
 
 
+def load_config_or_report(path: str, overrides: typing.Sequence[str] = ()) -> Config | None:
+    """`load_config` for command-line tools: on a config problem prints its one line to stderr
+    and returns None (the caller exits 2)."""
+    import sys
+
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
+
+
 def to_dict(cfg) -> dict:
     """The resolved config as plain YAML-able data (tuples become lists)."""
 
@@ -558,5 +570,5 @@ __all__ = [
     "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling", "SFTConfig",
     "PreferenceConfig", "LoraConfig", "SourceConfig", "StageConfig", "Stage", "FrozenDict",
     "mixture_sources", "stage_plan",
-    "load_config", "build", "validate", "to_dict", "dump_yaml", "apply_override",
+    "load_config", "load_config_or_report", "build", "validate", "to_dict", "dump_yaml", "apply_override",
 ]

@@ -432,13 +432,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config is not None:
             if args.tokenizer:
                 ap.error("--tokenizer goes with --input; with --config set data.tokenizer=...")
-            from jaxllm.config import ConfigError, load_config
+            from jaxllm.config import load_config_or_report
             from jaxllm.data.tokenizer import load_tokenizer
 
-            try:
-                cfg = load_config(args.config, args.overrides)
-            except ConfigError as e:
-                print(f"config error: {e}", file=sys.stderr)
+            cfg = load_config_or_report(args.config, args.overrides)
+            if cfg is None:
                 return 2
             d = cfg.data
             specs = list(d.train if args.split == "train" else d.eval)
