@@ -5,10 +5,14 @@ compiled function, cases are picked to cover the features rather than their cros
 compilation skips XLA's costly optimisation passes on CPU.
 """
 
+import importlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from jaxllm.kernels.attention import attention, reference_attention
 from jaxllm.kernels.flash_attention import flash_attention
@@ -139,6 +143,79 @@ def test_cpu_without_interpret_raises():
         flash_attention(q, k, v)
     with pytest.raises(RuntimeError, match="interpret=True"):
         attention(q, k, v, impl="pallas")
+
+
+fa = importlib.import_module("jaxllm.kernels.flash_attention")  # the module, not the function
+
+
+@pytest.mark.parametrize("rows,cols", [(16, 16), (32, 16), (16, 64)])
+def test_segment_block_ranges_cover_exactly_the_blocks_that_share_a_document(rows, cols):
+    """Every (row block, column block) pair with a token pair in one segment lies inside the
+    range; for packed rows (non-decreasing ids) nothing outside those pairs does either."""
+    rng = np.random.default_rng(1)
+    L = 128
+    packed = np.cumsum(rng.random((3, L)) < 0.08, axis=1)  # documents of random lengths
+    packed[2] = 0  # a row that is one document
+    shuffled = rng.integers(0, 4, (2, L))  # ids that recur along the row: ranges only bound
+    for seg, exact in ((packed, True), (shuffled, False)):
+        lo, hi = (np.asarray(x) for x in fa._segment_block_ranges(jnp.asarray(seg, jnp.int32),
+                                                                    rows, cols))
+        for b in range(seg.shape[0]):
+            for i in range(L // rows):
+                r = seg[b, i * rows:(i + 1) * rows]
+                needed = [j for j in range(L // cols)
+                          if np.intersect1d(r, seg[b, j * cols:(j + 1) * cols]).size]
+                assert lo[b, i] <= min(needed) and max(needed) < hi[b, i]
+                if exact:
+                    assert (lo[b, i], hi[b, i]) == (min(needed), max(needed) + 1)
+    # A row of 8-token documents: a 16-row block meets only its own 16-column block.
+    lo, hi = fa._segment_block_ranges(jnp.repeat(jnp.arange(16), 8)[None], 16, 16)
+    np.testing.assert_array_equal(np.asarray(hi - lo), 1)
+
+
+def _lower_for(platform: str, monkeypatch, fn, *shapes) -> str:
+    """Lower `fn` for a platform this CPU machine lacks (jax.export), with `flash_attention`
+    believing it runs there. The kernels' custom calls carry no serialisation guarantee, which
+    is fine: the module is inspected, never stored."""
+    monkeypatch.setattr(fa.jax, "default_backend", lambda: {"cuda": "gpu"}.get(platform, platform))
+    checks = [export.DisabledSafetyCheck.custom_call(t)
+              for t in ("__gpu$xla.gpu.triton", "tpu_custom_call")]
+    return export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*shapes).mlir_module()
+
+
+@pytest.mark.parametrize("H", [64, 128, 256])
+@pytest.mark.parametrize("with_segments", [False, True])
+def test_gpu_path_lowers_through_triton(H, with_segments, monkeypatch):
+    """The GPU (non-interpret) path with its default tiles goes through Pallas' Triton lowering:
+    bf16, GQA 4, a length no tile divides, forward and the two backward kernels."""
+    B, T, N, K = 2, 1000, 8, 2
+    q = jax.ShapeDtypeStruct((B, T, N, H), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((B, T, K, H), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def loss_and_grads(q, k, v, seg):
+        f = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg if with_segments else None)
+        return jax.value_and_grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    text = _lower_for("cuda", monkeypatch, loss_and_grads, q, kv, kv, seg)
+    assert text.count("xla.gpu.triton") == 3
+    assert re.findall(r'name = "(flash_attention_\w+)"', text) == [
+        "flash_attention_fwd", "flash_attention_dkdv", "flash_attention_dq"]
+
+
+def test_tpu_path_lowers_to_splash_kernels(monkeypatch):
+    """On TPU `flash_attention` hands off to splash attention: its Mosaic TPU kernels lower
+    (forward, and the dq and dk/dv kernels of the backward)."""
+    q = jax.ShapeDtypeStruct((2, 1000, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1000, 2, 128), jnp.bfloat16)
+    seg = jax.ShapeDtypeStruct((2, 1000), jnp.int32)
+
+    def loss_and_grads(q, k, v, seg):
+        f = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg)
+        return jax.value_and_grad(lambda *a: f(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
+
+    text = _lower_for("tpu", monkeypatch, loss_and_grads, q, kv, kv, seg)
+    assert text.count("tpu_custom_call") == 3
 
 
 def test_bad_arguments_raise():

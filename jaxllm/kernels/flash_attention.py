@@ -9,6 +9,10 @@ Written against the portable Pallas API (ref indexing, `pl.ds`, `lax.fori_loop`)
 lowers through Triton on GPU and runs with `interpret=True` on CPU. On TPU `flash_attention`
 hands off to JAX's splash attention (`jaxllm.kernels.splash_attention`).
 
+Packed rows: with segment ids, each kernel also skips the blocks whose segment-id range cannot
+meet its own (ranges computed in XLA before the call, `_segment_block_ranges`), so a row of short
+documents costs about sum(doc_len ** 2) rather than row_len ** 2.
+
 Numerics: matmuls take the input dtype and accumulate in fp32; softmax runs in base 2 (the
 log2(e) factor is folded into the scale) and the forward saves only the log-sum-exp. Masked
 logits get a large finite value instead of -inf, so rows that see no key (padding rows) stay
@@ -108,6 +112,29 @@ def _causal_q_bounds(cfg: _Config, k_start, bq: int, bk: int, n_q: int):
     return n_lo, n_part
 
 
+def _segment_block_ranges(seg, rows: int, cols: int):
+    """For segment ids [B, L], blocks of `rows` positions against blocks of `cols` positions:
+    (lo, hi) [B, L // rows] int32, the first and one-past-last column block whose id range
+    [min, max] overlaps the row block's. Column blocks outside [lo, hi) hold no id of the row
+    block, so they are skipped; the ones inside are still masked token by token. For packed rows
+    (ids non-decreasing along the row) the range is exactly the blocks that share a document."""
+    B, L = seg.shape
+    r = seg.reshape(B, L // rows, rows)
+    c = seg.reshape(B, L // cols, cols)
+    overlap = ((c.min(-1)[:, None, :] <= r.max(-1)[:, :, None])
+               & (c.max(-1)[:, None, :] >= r.min(-1)[:, :, None]))  # [B, row blocks, col blocks]
+    n = overlap.shape[-1]
+    lo = jnp.argmax(overlap, axis=-1)
+    hi = n - jnp.argmax(overlap[..., ::-1], axis=-1)
+    # A row block always overlaps the column blocks covering its own positions, so no range is empty.
+    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+
+
+def _clip_range(lo, hi, seg_lo, seg_hi):
+    """[lo, hi) intersected with the segment range (an empty range when they do not meet)."""
+    return jnp.maximum(lo, seg_lo), jnp.minimum(hi, seg_hi)
+
+
 def _compiler_params(cfg: _Config, head_dim: int):
     if cfg.interpret:
         return None
@@ -117,15 +144,33 @@ def _compiler_params(cfg: _Config, head_dim: int):
     return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
+def _over_kv_blocks(cfg: _Config, body, carry, q_start, bq: int, bk: int, n_kv: int, lo_ref,
+                    hi_ref):
+    """Run `body(j, carry, causal)` over the kv blocks that q rows [q_start, q_start + bq) can
+    see: under a causal mask, blocks wholly below the diagonal skip the mask and blocks above it
+    are not visited; with segment ids (lo_ref/hi_ref given), blocks outside the row block's
+    segment range are not visited either."""
+    if cfg.causal:
+        n_full, n_end = _causal_kv_bounds(cfg, q_start, bq, bk, n_kv)
+        spans = ((0, n_full, False), (n_full, n_end, True))
+    else:
+        spans = ((0, n_kv, False),)
+    for start, stop, masked in spans:
+        if lo_ref is not None:
+            start, stop = _clip_range(start, stop, lo_ref[...], hi_ref[...])
+        carry = lax.fori_loop(start, stop, functools.partial(body, causal=masked), carry)
+    return carry
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, has_seg: bool):
     if has_seg:
-        qseg_ref, kseg_ref, o_ref, lse_ref = refs
+        qseg_ref, kseg_ref, lo_ref, hi_ref, o_ref, lse_ref = refs
     else:
-        qseg_ref = kseg_ref = None
+        qseg_ref = kseg_ref = lo_ref = hi_ref = None
         o_ref, lse_ref = refs
     bq, bk = cfg.block_q, cfg.block_k
     n_kv = k_ref.shape[0] // bk
@@ -155,12 +200,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Config, has_seg: bool):
     carry = (jnp.zeros((bq, q.shape[-1]), jnp.float32),
              jnp.full((bq,), MASK_VALUE, jnp.float32),
              jnp.zeros((bq,), jnp.float32))
-    if cfg.causal:  # blocks below the diagonal skip the mask; blocks above it are not visited
-        n_full, n_end = _causal_kv_bounds(cfg, q_start, bq, bk, n_kv)
-        carry = lax.fori_loop(0, n_full, functools.partial(body, causal=False), carry)
-        carry = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), carry)
-    else:
-        carry = lax.fori_loop(0, n_kv, functools.partial(body, causal=False), carry)
+    carry = _over_kv_blocks(cfg, body, carry, q_start, bq, bk, n_kv, lo_ref, hi_ref)
     acc, m, l = carry
     # l >= 1: the row maximum itself contributes exp2(0).
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -179,9 +219,10 @@ def _fwd(q, k, v, seg, cfg: _Config):
     ]
     args = [q, k, v]
     if seg is not None:
+        block_range = pl.BlockSpec((None, None), lambda i, b, h: (b, i))
         in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                     pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
-        args += [seg, seg]
+                     pl.BlockSpec((None, S), lambda i, b, h: (b, 0)), block_range, block_range]
+        args += [seg, seg, *_segment_block_ranges(seg, bq, cfg.block_k)]
     o, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, cfg=cfg, has_seg=seg is not None),
         grid=(T // bq, B, N),
@@ -205,7 +246,7 @@ def _fwd(q, k, v, seg, cfg: _Config):
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config,
                  has_seg: bool):
     if has_seg:
-        qseg_ref, kseg_ref, dk_ref, dv_ref = refs
+        qseg_ref, kseg_ref, lo_ref, hi_ref, dk_ref, dv_ref = refs
     else:
         qseg_ref = kseg_ref = None
         dk_ref, dv_ref = refs
@@ -237,14 +278,20 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
         dk = dk + _dot_tn(ds.astype(q.dtype), q)
         return dk, dv
 
+    # q blocks above the diagonal see none of these keys and are skipped; those below it skip
+    # the mask; with segment ids, q blocks outside this kv block's segment range are skipped.
     if cfg.causal:
         n_lo, n_part = _causal_q_bounds(cfg, k_start, bq, bk, n_q)
+        spans = ((n_lo, n_part, True), (n_part, n_q, False))
+    else:
+        spans = ((0, n_q, False),)
+    if has_seg:
+        spans = tuple((*_clip_range(a, b, lo_ref[...], hi_ref[...]), m) for a, b, m in spans)
 
     def head(g, carry):  # the q heads sharing this kv head accumulate into one dk/dv
-        if cfg.causal:
-            carry = lax.fori_loop(n_lo, n_part, functools.partial(body, g=g, causal=True), carry)
-            return lax.fori_loop(n_part, n_q, functools.partial(body, g=g, causal=False), carry)
-        return lax.fori_loop(0, n_q, functools.partial(body, g=g, causal=False), carry)
+        for start, stop, masked in spans:
+            carry = lax.fori_loop(start, stop, functools.partial(body, g=g, causal=masked), carry)
+        return carry
 
     dk, dv = lax.fori_loop(0, group, head,
                            (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)))
@@ -255,9 +302,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config,
                has_seg: bool):
     if has_seg:
-        qseg_ref, kseg_ref, dq_ref = refs
+        qseg_ref, kseg_ref, lo_ref, hi_ref, dq_ref = refs
     else:
-        qseg_ref = kseg_ref = None
+        qseg_ref = kseg_ref = lo_ref = hi_ref = None
         (dq_ref,) = refs
     bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
     n_kv = k_ref.shape[0] // bk
@@ -283,13 +330,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Con
         ds = p * (_dot_nt(do, v) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jnp.zeros(q.shape, jnp.float32)
-    if cfg.causal:
-        n_full, n_end = _causal_kv_bounds(cfg, q_start, bq, bk, n_kv)
-        dq = lax.fori_loop(0, n_full, functools.partial(body, causal=False), dq)
-        dq = lax.fori_loop(n_full, n_end, functools.partial(body, causal=True), dq)
-    else:
-        dq = lax.fori_loop(0, n_kv, functools.partial(body, causal=False), dq)
+    dq = _over_kv_blocks(cfg, body, jnp.zeros(q.shape, jnp.float32), q_start, bq, bk, n_kv,
+                         lo_ref, hi_ref)
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
@@ -312,9 +354,10 @@ def _bwd(cfg: _Config, res, do):
     in_specs = [group_spec, kv_spec, kv_spec, group_spec, group_rows, group_rows]
     args = [q, k, v, do, lse, delta]
     if has_seg:
+        block_range = pl.BlockSpec((None, None), lambda j, b, h: (b, j))
         in_specs += [pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
-                     pl.BlockSpec((None, bk), lambda j, b, h: (b, j))]
-        args += [seg, seg]
+                     pl.BlockSpec((None, bk), lambda j, b, h: (b, j)), block_range, block_range]
+        args += [seg, seg, *_segment_block_ranges(seg, bk, bq)]
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, has_seg=has_seg),
         grid=(S // bk, B, K),
@@ -333,9 +376,10 @@ def _bwd(cfg: _Config, res, do):
     in_specs = [q_spec, full_kv, full_kv, q_spec, rows, rows]
     args = [q, k, v, do, lse, delta]
     if has_seg:
+        block_range = pl.BlockSpec((None, None), lambda i, b, h: (b, i))
         in_specs += [pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                     pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
-        args += [seg, seg]
+                     pl.BlockSpec((None, S), lambda i, b, h: (b, 0)), block_range, block_range]
+        args += [seg, seg, *_segment_block_ranges(seg, bq, bk)]
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, has_seg=has_seg),
         grid=(T // bq, B, N),
