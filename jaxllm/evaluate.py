@@ -36,7 +36,7 @@ def _encoder(cfg, tokenizer):
 
 def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_size: int = 64):
     """prompt message lists -> greedy reply strings (the `answer_accuracy` contract)."""
-    from jaxllm.generate import stop_ids, generate
+    from jaxllm.generate import generate, stop_token_ids
 
     encoder = _encoder(cfg, tokenizer)
 
@@ -46,7 +46,7 @@ def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_
         replies = []
         for start in range(0, len(ids), batch_size):
             outs = generate(cfg.model, params, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
-                            temperature=0.0, stop_tokens=stop_ids(tokenizer), pad_id=max(tokenizer.pad_id, 0))
+                            temperature=0.0, stop_tokens=stop_token_ids(tokenizer), pad_id=max(tokenizer.pad_id, 0))
             for new in outs:
                 text = tokenizer.decode(new)
                 for marker in END_MARKERS:

@@ -178,7 +178,7 @@ def _encode_prompt(cfg, tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def stop_ids(tokenizer) -> tuple[int, ...]:
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
     eos = tokenizer.eos_id
     return (eos,) if eos is not None and eos >= 0 else ()
 
@@ -205,7 +205,7 @@ def sample_text(cfg, params, tokenizer, prompt: str, max_new_tokens: int, temper
     if not prompt_ids:
         raise ValueError("sample_text: empty prompt and data.add_bos is false")
     [new] = generate(cfg.model, params, [prompt_ids], max_new_tokens=max_new_tokens,
-                     temperature=temperature, stop_tokens=stop_ids(tokenizer),
+                     temperature=temperature, stop_tokens=stop_token_ids(tokenizer),
                      rng=jax.random.key(seed), pad_id=_pad_id(cfg, tokenizer))
     return _completion_text(tokenizer, prompt_ids, new)
 
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
             raise ValueError("empty prompt with data.add_bos false: nothing to condition on")
         outs = generate(cfg.model, params, prompt_ids, max_new_tokens=args.max_new_tokens,
                         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, stop_tokens=stop_ids(tokenizer),
+                        top_p=args.top_p, stop_tokens=stop_token_ids(tokenizer),
                         rng=jax.random.key(args.seed), pad_id=_pad_id(cfg, tokenizer))
     except Exception as e:  # one line, no traceback: these are user-facing errors
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
