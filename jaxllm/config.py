@@ -165,6 +165,9 @@ class ScheduleConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainerConfig:
     total_steps: int = 1000
+    # > 0 (sft, dpo, reward): train this many passes over data.train instead; total_steps is then
+    # computed from the data at the start of the run (and must not be set as well).
+    epochs: float = 0.0
     batch_size: int = 32  # global, in sequences of data.seq_len tokens
     grad_accum_steps: int = 1  # microbatches per step; batch_size must divide evenly
     run_dir: str = "runs/default"
@@ -281,11 +284,27 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = raw.pop("base", None)
     if base is None:
-        return raw
+        return _deep_merge(_run_length_yields({}, raw, path), raw)
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base must be a path to another YAML file")
     parent = _read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,))
-    return _deep_merge(parent, raw)
+    return _deep_merge(_run_length_yields(parent, raw, path), raw)
+
+
+def _run_length_yields(parent: dict, layer: dict, where: str) -> dict:
+    """trainer.total_steps and trainer.epochs both set the run's length: the one a later layer
+    (a file over its base, an override over the file) sets replaces the other from the earlier
+    layers; one layer setting both is an error."""
+    trainer = layer.get("trainer")
+    if not isinstance(trainer, dict):
+        return parent
+    if trainer.get("epochs") and "total_steps" in trainer:
+        raise ConfigError(f"{where}: set trainer.epochs or trainer.total_steps, not both (with epochs "
+                          "the run computes total_steps from the data)")
+    drop = "total_steps" if trainer.get("epochs") else "epochs" if "total_steps" in trainer else None
+    if drop is None or drop not in (parent.get("trainer") or {}):
+        return parent
+    return {**parent, "trainer": {k: v for k, v in parent["trainer"].items() if k != drop}}
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -308,6 +327,8 @@ def apply_override(raw: dict, override: str) -> dict:
     except yaml.YAMLError:
         parsed = value
     out = dict(raw)
+    if parts[:1] == ["trainer"] and parts[-1] in ("epochs", "total_steps"):
+        out = _run_length_yields(out, {"trainer": {parts[-1]: parsed}}, f"override {override!r}")
     node = out
     for p in parts[:-1]:
         child = node.get(p)
@@ -410,6 +431,9 @@ def validate(cfg: Config) -> None:
     t, d = cfg.trainer, cfg.data
     checks = [
         (t.total_steps > 0, "trainer.total_steps must be > 0"),
+        (t.epochs >= 0, "trainer.epochs must be >= 0"),
+        (t.epochs == 0 or cfg.task in ("sft", "dpo", "reward"),
+         "trainer.epochs is for task sft, dpo or reward; for pretraining set trainer.total_steps"),
         (t.batch_size > 0, "trainer.batch_size must be > 0"),
         (t.grad_accum_steps > 0 and t.batch_size % t.grad_accum_steps == 0,
          f"trainer.grad_accum_steps ({t.grad_accum_steps}) must divide trainer.batch_size ({t.batch_size})"),

@@ -225,17 +225,69 @@ def _data(cfg, tokenizer, reference=None):
             tasks.make_eval_batches(cfg, tokenizer, cfg.trainer.eval_batches, reference=reference))
 
 
+def _epoch_fingerprint(cfg, tokenizer) -> dict:
+    """What one epoch's batch count depends on; a cached count with another fingerprint is stale."""
+    from jaxllm.data import tasks
+
+    d = cfg.data
+    return {"task": cfg.task, "train": list(d.train), "size": tasks.split_size(cfg, tokenizer, "train"),
+            "seq_len": d.seq_len, "batch_size": cfg.trainer.batch_size, "processes": jax.process_count(),
+            "seed": d.seed, "add_bos": d.add_bos, "vocab_size": tokenizer.vocab_size,
+            "sft": repr(cfg.sft), "preference": repr(cfg.preference)}
+
+
+def resolve_epochs(cfg: config_lib.Config, tokenizer, run_dir: str, log=print) -> config_lib.Config:
+    """With trainer.epochs > 0: cfg with total_steps = ceil(epochs * batches in one epoch) (and
+    epochs 0, so the run's saved config is plain). The count takes one tokenizing pass over
+    data.train; it is kept in RUN_DIR/epoch_size.json, so a resumed run does not count again."""
+    import json
+    import math
+
+    t = cfg.trainer
+    if t.epochs <= 0:
+        return cfg
+    from jaxllm.data import tasks
+
+    path = os.path.join(run_dir, "epoch_size.json")
+    want = _epoch_fingerprint(cfg, tokenizer)
+    size = None
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        size = saved["size"] if saved.get("fingerprint") == want else None
+    if size is None:
+        log(f"trainer.epochs {t.epochs:g}: counting the batches in one pass over data.train")
+        size = tasks.batches_per_epoch(cfg, tokenizer)
+        if jax.process_index() == 0:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"fingerprint": want, "size": size}, f)
+            os.replace(tmp, path)
+    if size["batches"] < 1:
+        raise config_lib.ConfigError(
+            f"trainer.epochs: one pass over data.train gives {size['rows']} rows, not one full batch of "
+            f"trainer.batch_size {t.batch_size} (per process)")
+    steps = math.ceil(t.epochs * size["batches"])
+    log(f"trainer.epochs {t.epochs:g} x {size['batches']} batches per epoch ({size['rows']} rows, "
+        f"{size['skipped']} records skipped) = {steps} steps")
+    resolved = dataclasses.replace(cfg, trainer=dataclasses.replace(t, total_steps=steps, epochs=0.0))
+    config_lib.validate(resolved)  # e.g. schedule.warmup_steps against the new total
+    return resolved
+
+
 def train(cfg: config_lib.Config) -> dict:
     """Runs (or resumes) training; returns a summary with the initial and final losses."""
     from jaxllm.data.tokenizer import keep_tokenizer, run_tokenizer
 
-    t, run_dir = cfg.trainer, cfg.trainer.run_dir
+    run_dir = cfg.trainer.run_dir
     mesh = mesh_from_config(cfg.mesh)
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
-        config_lib.dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
     tokenizer = run_tokenizer(cfg, run_dir)
+    cfg = resolve_epochs(cfg, tokenizer, run_dir, log=print if jax.process_index() == 0 else lambda _: None)
+    t = cfg.trainer
     if jax.process_index() == 0:
+        config_lib.dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
         keep_tokenizer(tokenizer, run_dir)
     trainer = Trainer(cfg, mesh)
 

@@ -52,11 +52,28 @@ def test_resolved_config_round_trips(tmp_path):
     ("model.n_kv_heads=3", "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     ("trainer.grad_accum_steps=5", "trainer.grad_accum_steps (5) must divide trainer.batch_size (32)"),
     ("bogus=1", "unknown key 'bogus'"),
+    ("trainer.epochs=2", "trainer.epochs is for task sft, dpo or reward; for pretraining set trainer.total_steps"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [override])
     assert message in str(e.value)
+
+
+def test_epochs_and_total_steps_the_later_layer_wins(tmp_path):
+    """The base sets total_steps, the recipe epochs: epochs. An override of either replaces the
+    other. One file setting both is an error."""
+    recipe = os.path.join(ROOT, "configs", "recipes", "tulu3-8b-sft.yaml")
+    assert load_config(recipe).trainer.epochs == 2
+    cfg = load_config(recipe, ["trainer.total_steps=100"])
+    assert (cfg.trainer.epochs, cfg.trainer.total_steps) == (0, 100)
+    assert load_config(recipe, ["trainer.total_steps=100", "trainer.epochs=1"]).trainer.epochs == 1
+    (tmp_path / "both.yaml").write_text(f"base: {recipe}\ntrainer: {{epochs: 1, total_steps: 10}}\n")
+    with pytest.raises(ConfigError, match="both.yaml: set trainer.epochs or trainer.total_steps, not both"):
+        load_config(str(tmp_path / "both.yaml"))
+    (tmp_path / "alone.yaml").write_text("task: sft\ntrainer: {epochs: 1, total_steps: 10}\n")
+    with pytest.raises(ConfigError, match="alone.yaml: set trainer.epochs"):
+        load_config(str(tmp_path / "alone.yaml"))
 
 
 def test_cli_bad_key_is_one_line_without_traceback():

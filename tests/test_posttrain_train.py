@@ -105,12 +105,21 @@ def test_lora_dpo_uses_the_base_as_reference(data, sft_run, tmp_path):
 
 
 def test_reward_model_learns_and_starts_at_log2(data, tmp_path):
-    cfg = _cfg(data, "reward", tmp_path / "rm", steps=24, optimizer={"lr": 3e-3, "weight_decay": 0.0},
-               trainer={"eval_every_steps": 24})
+    # Half an epoch (trainer.epochs): the run counts the batches of one pass and trains half of them.
+    cfg = _cfg(data, "reward", tmp_path / "rm", optimizer={"lr": 3e-3, "weight_decay": 0.0},
+               trainer={"eval_every_steps": 24, "epochs": 0.5})
     summary = train(cfg)
     assert summary["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: r_c = r_r
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert summary["final_eval"]["eval_accuracy"] > 0.5
+    from jaxllm.config import load_config
+    from jaxllm.data import tasks
+    from jaxllm.data.tokenizer import Tokenizer
+
+    per_epoch = tasks.batches_per_epoch(cfg, Tokenizer(data["tokenizer"]))["batches"]
+    saved = load_config(str(tmp_path / "rm" / "config.yaml")).trainer
+    assert per_epoch > 24 and (saved.epochs, saved.total_steps) == (0, math.ceil(per_epoch / 2))
+    assert max(_losses(cfg.trainer.run_dir)) == saved.total_steps
 
 
 def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run, tmp_path):

@@ -453,3 +453,69 @@ def test_kto_rows_and_kl_partner(tmp_path, sp):
             b, kk = rows[int(i)]
             for f in b:
                 np.testing.assert_array_equal(batch[f][k], b[f][kk], err_msg=f)
+
+
+# ----------------------------------------------------------------------------- epochs
+
+
+def test_batches_per_epoch_pairs_is_one_pass_of_usable_examples(tmp_path, sp):
+    recs = _pair_records(15)
+    recs[4] = {"prompt": "seven " * 200, "chosen": "yes", "rejected": "no"}  # no room for a reply: skipped
+    path = _write(tmp_path / "pairs.jsonl", recs[:7] + ["{not json"] + recs[7:])  # malformed: skipped
+    cfg = _cfg("reward", path, seq_len=128, batch=4)
+    size = tasks.batches_per_epoch(cfg, sp, process_count=1)
+    assert size == {"batches": 3, "rows": 14, "skipped": 2}
+    # The training stream's first 3 batches are 12 distinct examples of epoch 0; the 4th holds
+    # the 2 left of epoch 0, then epoch 1 starts.
+    it = tasks.make_train_iterator(cfg, sp, process_index=0, process_count=1)
+    idx = [b["index"].tolist() for b in _take(it, 4)]
+    first = sum(idx[:3], [])
+    assert len(set(first)) == 12 and 4 not in first
+    assert len(set(first) | set(idx[3][:2])) == 14
+    # Two processes: slices of 8 and 7 records (the long one in the first), batches of 2 each.
+    assert tasks.batches_per_epoch(cfg, sp, process_count=2)["batches"] == 3
+
+
+def test_batches_per_epoch_sft_counts_packed_rows(tmp_path, sp):
+    import grain
+
+    recs = _sft_records(11)
+    path = _write(tmp_path / "sft.jsonl", recs)
+    cfg = _cfg("sft", path, seq_len=160, batch=2)
+    size = tasks.batches_per_epoch(cfg, sp, process_count=1)
+    # Independently: chat.pack_examples (the list packer) over epoch 0's order.
+    source = tasks.open_split(cfg, "train")
+    examples = tasks.Examples(cfg, sp, source)
+    order = list(grain.MapDataset.range(len(source)).shuffle(seed=cfg.data.seed))
+    segments = [(ids, mask) for i in order for ids, mask, *_ in examples((i, source[i]))]
+    rows = list(chat.pack_examples(segments, 160, sp.pad_id))
+    assert size == {"batches": len(rows) // 2, "rows": len(rows), "skipped": 0}
+    assert len(rows) < len(recs)  # packing put several conversations in a row
+
+
+def test_resolve_epochs_counts_once_per_data_setting(tmp_path, sp, monkeypatch):
+    from jaxllm import train as train_lib
+    from jaxllm.config import ConfigError
+
+    path = _write(tmp_path / "pairs.jsonl", _pair_records(14))
+    cfg = _cfg("reward", path, seq_len=128, batch=4, trainer={"batch_size": 4, "epochs": 2.5},
+               schedule={"warmup_steps": 1})
+    run = tmp_path / "run"
+    run.mkdir()
+    resolved = train_lib.resolve_epochs(cfg, sp, str(run), log=lambda _: None)
+    assert (resolved.trainer.total_steps, resolved.trainer.epochs) == (8, 0.0)  # ceil(2.5 * 3)
+    counted = []
+    real = tasks.batches_per_epoch
+    monkeypatch.setattr(tasks, "batches_per_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    assert train_lib.resolve_epochs(cfg, sp, str(run), log=lambda _: None) == resolved
+    assert not counted  # read from RUN_DIR/epoch_size.json
+    bigger = _cfg("reward", path, seq_len=128, batch=6, trainer={"batch_size": 6, "epochs": 1},
+                  schedule={"warmup_steps": 1})
+    assert train_lib.resolve_epochs(bigger, sp, str(run), log=lambda _: None).trainer.total_steps == 2
+    assert counted == [1]  # another batch size: counted again
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        train_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=4, trainer={"batch_size": 4, "epochs": 1}),
+                                 sp, str(run), log=lambda _: None)
+    with pytest.raises(ConfigError, match="not one full batch"):
+        train_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=16, trainer={"batch_size": 16, "epochs": 1},
+                                      schedule={"warmup_steps": 1}), sp, str(run), log=lambda _: None)

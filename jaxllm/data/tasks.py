@@ -273,21 +273,57 @@ def make_train_iterator(cfg, tokenizer, *, process_index: int | None = None, pro
     fmt = task_format(cfg)
     process_index, process_count = pipeline._process(process_index, process_count)
     batch = pipeline._per_process_batch(cfg.trainer.batch_size, process_count)
-    d = cfg.data
-    source = open_split(cfg, "train")
-    if len(source) < process_count:
-        raise ValueError(f"{len(source)} training records cannot be split over {process_count} processes")
+    source = _open_train_split(cfg, process_count)
     join = JoinReference(fmt, reference, "train", len(source)) if reference is not None else None
-    records = grain.MapDataset.source(_Indexed(source))[process_index::process_count]
-    examples = records.shuffle(seed=d.seed).repeat().map(Examples(cfg, tokenizer, source))
-    counted = CountSkips(examples.to_iter_dataset(pipeline._read_options(d.num_workers)), 2 * len(records))
-    rows = chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id) if fmt == "sft" else counted
+    rows, counted = _train_rows(cfg, tokenizer, source, process_index, process_count, repeat=True)
     ds = rows.batch(batch, drop_remainder=True)
     if join is not None:
         ds = ds.map(join)
     it = pipeline.DataIterator(ds.__iter__(), _settings(cfg, tokenizer, fmt, batch, process_index, process_count))
     it.skipped, it.source_skipped = counted.counts, source.skipped
     return it
+
+
+def _open_train_split(cfg, process_count: int) -> chat.RecordSource:
+    source = open_split(cfg, "train")
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} training records cannot be split over {process_count} processes")
+    return source
+
+
+def _train_rows(cfg, tokenizer, source, process_index: int, process_count: int, *, repeat: bool):
+    """(rows, skip counter) of this process's training stream: one epoch, or endless epochs."""
+    d = cfg.data
+    records = grain.MapDataset.source(_Indexed(source))[process_index::process_count].shuffle(seed=d.seed)
+    if repeat:
+        records = records.repeat()
+    examples = records.map(Examples(cfg, tokenizer, source))
+    counted = CountSkips(examples.to_iter_dataset(pipeline._read_options(d.num_workers)), 2 * len(records))
+    if task_format(cfg) == "sft":
+        return chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id), counted
+    return counted, counted
+
+
+def batches_per_epoch(cfg, tokenizer, *, process_count: int | None = None) -> dict[str, int]:
+    """How many training batches one pass over the train split gives: {"batches": the fewest
+    any process gets (its rows // its share of trainer.batch_size), "rows": the rows (sft: packed
+    rows; dpo / reward: usable examples) over all processes, "skipped": records skipped}.
+
+    Tokenizes (and for sft packs) the whole split once, every process's slice in turn, in the
+    order epoch 0 reads it. Later epochs are reshuffled and sft packs across epoch ends, so the
+    epochs after the first hold the same number of rows only approximately (within a row or so
+    per epoch)."""
+    if process_count is None:
+        process_count = pipeline._process(None, None)[1]
+    batch = pipeline._per_process_batch(cfg.trainer.batch_size, process_count)
+    source = _open_train_split(cfg, process_count)
+    per_process, skipped = [], 0
+    for p in range(process_count):
+        rows, counted = _train_rows(cfg, tokenizer, source, p, process_count, repeat=False)
+        per_process.append(sum(1 for _ in rows))
+        skipped += sum(counted.counts.values())
+    return {"batches": min(per_process) // batch, "rows": sum(per_process),
+            "skipped": skipped + sum(source.skipped.values())}
 
 
 # ----------------------------------------------------------------------------- fixed passes
