@@ -295,10 +295,11 @@ def _train_rows(cfg, tokenizer, source, process_index: int, process_count: int, 
     """(rows, skip counter) of this process's training stream: one epoch, or endless epochs."""
     d = cfg.data
     records = grain.MapDataset.source(_Indexed(source))[process_index::process_count].shuffle(seed=d.seed)
+    n = len(records)
     if repeat:
         records = records.repeat()
     examples = records.map(Examples(cfg, tokenizer, source))
-    counted = CountSkips(examples.to_iter_dataset(pipeline._read_options(d.num_workers)), 2 * len(records))
+    counted = CountSkips(examples.to_iter_dataset(pipeline._read_options(d.num_workers)), 2 * n)
     if task_format(cfg) == "sft":
         return chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id), counted
     return counted, counted
