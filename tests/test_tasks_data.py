@@ -395,6 +395,40 @@ def test_parquet_pairs_match_jsonl(tmp_path, sp):
     _assert_batches_equal(rows(jsonl), rows(str(tmp_path / "p.parquet")))
 
 
+def test_compressed_jsonl_records_match_plain(tmp_path, sp, monkeypatch):
+    """Chat / preference data as .jsonl.gz and .jsonl.zst: the same batches as the plain file,
+    messages naming the compressed file and line, a truncated file's tail counted."""
+    import gzip
+    import re
+
+    import zstandard
+
+    monkeypatch.setenv("JAXLLM_DATA_CACHE", str(tmp_path / "cache"))
+    recs = _pair_records(12)
+    data = "".join(json.dumps(r) + "\n" for r in recs[:5]) + "{broken\n" + "".join(json.dumps(r) + "\n" for r in recs[5:])
+    data = data.encode()
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_bytes(data)
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress(data))
+    (tmp_path / "p.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    rows = lambda path: list(tasks.iterate_split_once(_cfg("dpo", str(path), seq_len=128, batch=4), sp, "train",
+                                                      process_index=0, process_count=1))
+    want = rows(jsonl)
+    for name in ("p.jsonl.gz", "p.jsonl.zst"):
+        _assert_batches_equal(rows(tmp_path / name), want)
+        source = chat.RecordSource(str(tmp_path / name), {"chosen": (str, list)})
+        assert len(source) == 12 and dict(source.skipped) == {"malformed JSON": 1}
+        assert source.where(5) == f"{tmp_path / name}:7"
+        with pytest.raises(SourceError, match=re.escape(f"{tmp_path / name}:6: malformed JSON")):
+            chat.RecordSource(str(tmp_path / name), {"chosen": (str, list)}, strict=True)
+    # A cut-off download: the whole lines before the cut are records, the cut is counted.
+    big = "".join(json.dumps(recs[i % 12]) + "\n" for i in range(3000)).encode()
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(big)[: len(gzip.compress(big)) // 2])
+    source = chat.RecordSource(str(tmp_path / "cut.jsonl.gz"), {"chosen": (str, list)})
+    assert 0 < len(source) < 3000 and dict(source.skipped) == {"truncated file": 1}
+    assert [source[i]["chosen"] for i in range(len(source))] == [recs[i % 12]["chosen"] for i in range(len(source))]
+
+
 def test_malformed_lines_counted_or_strict(tmp_path, sp):
     lines = [{"prompt": "Hi", "chosen": "a", "rejected": "b"}, "{not json", {"prompt": "Hi", "rejected": "b"},
              {"prompt": "Hi", "chosen": 3, "rejected": "b"}, "",

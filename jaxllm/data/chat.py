@@ -555,8 +555,13 @@ def _has_type(value, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+def _is_jsonl(path: str) -> bool:
+    return path.endswith(sources.JSONL_SUFFIXES + sources.COMPRESSED_JSONL_SUFFIXES)
+
+
 class RecordSource:
-    """Random-access records (dicts of chosen fields) from jsonl / parquet files.
+    """Random-access records (dicts of chosen fields) from jsonl (also `.jsonl.gz` / `.jsonl.zst`,
+    read through their decompressed copy as `JsonlSource` does) / parquet files.
 
     Files are resolved like pretraining sources (`sources.resolve_files`: files, folders, globs).
     The index holds positions, not records: jsonl by (file, byte offset, length) like
@@ -574,9 +579,9 @@ class RecordSource:
                  cache_row_groups: int = 4):
         specs = [path_specs] if isinstance(path_specs, str) else list(path_specs)
         self.files = [f for spec in specs for f in sources.resolve_files(spec)
-                      if f.endswith(sources.JSONL_SUFFIXES + sources.PARQUET_SUFFIXES)]
+                      if _is_jsonl(f) or f.endswith(sources.PARQUET_SUFFIXES)]
         if not self.files:
-            raise sources.SourceError(f"{', '.join(specs)}: no .jsonl or .parquet files")
+            raise sources.SourceError(f"{', '.join(specs)}: no .jsonl, .jsonl.gz, .jsonl.zst or .parquet files")
         self.fields, self.optional = dict(fields), dict(optional or {})
         overlap = set(self.fields) & set(self.optional)
         if overlap:
@@ -585,8 +590,9 @@ class RecordSource:
         # (file id, offset | row group, length | row, line) per record, as compact arrays.
         self._index = [array.array("i"), array.array("q"), array.array("q"), array.array("q")]
         self._columns: dict[int, list[str]] = {}  # parquet file id -> the fields it has
+        self._read_paths: dict[int, str] = {}  # jsonl file id -> the plain file its lines are read from
         for file_id, path in enumerate(self.files):
-            if path.endswith(sources.JSONL_SUFFIXES):
+            if _is_jsonl(path):
                 self._index_jsonl(file_id, path, skips)
             else:
                 self._index_parquet(file_id, path, skips)
@@ -600,8 +606,10 @@ class RecordSource:
             arr.append(v)
 
     def _index_jsonl(self, file_id: int, path: str, skips):
+        read_path, truncated = sources.uncompressed_jsonl(path)
+        self._read_paths[file_id] = read_path
         offset = 0
-        with open(path, "rb") as f:
+        with open(read_path, "rb") as f:
             for lineno, line in enumerate(f, 1):
                 start, offset = offset, offset + len(line)
                 if not line.strip():
@@ -613,6 +621,8 @@ class RecordSource:
                     continue
                 if self._check(obj if isinstance(obj, dict) else {}, f"{path}:{lineno}", skips):
                     self._add(file_id, start, len(line), lineno)
+        if truncated:
+            skips("truncated file", f"{path}:{truncated['line']}", truncated["error"])
 
     def _check(self, obj: dict, where: str, skips) -> bool:
         for name, types in (*self.fields.items(), *self.optional.items()):
@@ -651,7 +661,7 @@ class RecordSource:
     def where(self, index: int) -> str:
         file_id, a, b, line = (arr[index] for arr in self._index)
         path = self.files[file_id]
-        if path.endswith(sources.JSONL_SUFFIXES):
+        if file_id in self._read_paths:
             return f"{path}:{line}"
         return f"{path}: row group {a}, row {b}"
 
@@ -659,9 +669,8 @@ class RecordSource:
         if not 0 <= index < len(self):
             raise IndexError(index)
         file_id, a, b, _ = (arr[index] for arr in self._index)
-        path = self.files[file_id]
-        if path.endswith(sources.JSONL_SUFFIXES):
-            with open(path, "rb") as f:
+        if file_id in self._read_paths:
+            with open(self._read_paths[file_id], "rb") as f:
                 f.seek(a)
                 obj = json.loads(f.read(b))
             names = (*self.fields, *self.optional)
