@@ -3,6 +3,7 @@
     python -m benchmarks.attention [--seqs 1024,2048,...] [--head-dims 64,128] [--batch 4]
         [--heads 16] [--kv-heads 16] [--impls pallas,cudnn,xla] [--dtype bfloat16] [--no-causal]
         [--segments 1] [--iters 10] [--out benchmarks/results]
+        [--pallas-tiles 128x64,64x64] [--pallas-warps 4,8] [--pallas-stages 2,3]
 
 Prints one JSON line per measurement (or per skip, with the reason) and writes them all, with the
 hardware, versions and exact command, to <out>/attention-<device>-<date>.json.
@@ -11,11 +12,14 @@ FLOPs follow the FlashAttention papers: forward 4*b*h*s*s*d, halved when causal;
 counts 2.5x the forward, so forward+backward is 3.5x. Segment ids (--segments > 1) skip work
 without changing the count, as in those papers' dense convention.
 Timing: jit, compile, warm up, then the median of --iters runs, each ended by block_until_ready.
+The --pallas-* options sweep our kernel's tiles (block_q x block_k) and Triton launch settings:
+every combination is measured and recorded with its settings, for picking the defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -29,12 +33,28 @@ import numpy as np
 
 from benchmarks.common import environment
 from jaxllm.kernels.attention import IMPLEMENTATIONS, attention, reference_attention
+from jaxllm.kernels.flash_attention import flash_attention
 
 REFERENCE_MAX_ELEMENTS = 2 ** 27  # fp32 logits of the reference above this would be > 512 MiB
 
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
+
+
+def _tiles(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(n) for n in t.split("x")) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tiles are BQxBK pairs like 128x64, got {text!r}") from None
+
+
+def pallas_variants(args) -> list[dict]:
+    """flash_attention keyword sets to sweep ([{}]: the defaults only)."""
+    axes = [[("block_q", bq), ("block_k", bk)] for bq, bk in args.pallas_tiles] or [[]]
+    warps = [[("num_warps", w)] for w in args.pallas_warps] or [[]]
+    stages = [[("num_stages", n)] for n in args.pallas_stages] or [[]]
+    return [dict(a + b + c) for a, b, c in itertools.product(axes, warps, stages)]
 
 
 def parse_args(argv=None):
@@ -51,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--pallas-tiles", type=_tiles, default=[], help="e.g. 128x64,64x64")
+    p.add_argument("--pallas-warps", type=_ints, default=[], help="e.g. 4,8")
+    p.add_argument("--pallas-stages", type=_ints, default=[], help="e.g. 2,3")
     args = p.parse_args(argv)
     unknown = set(args.impls) - set(IMPLEMENTATIONS)
     if unknown:
@@ -112,13 +135,17 @@ def run(args) -> list[dict]:
                     q, k, v, causal=args.causal, segment_ids=seg))(q, k, v).astype(jnp.float32)
             fwd_flops = 4 * args.batch * args.heads * s * s * d / (2 if args.causal else 1)
 
-            for impl in args.impls:
+            runs = [(impl, variant) for impl in args.impls
+                    for variant in (pallas_variants(args) if impl == "pallas" else [{}])]
+            for impl, variant in runs:
                 reason = skip_reason(impl, backend, dtype)
                 if reason:
-                    emit({"impl": impl, **base, "skipped": reason})
+                    emit({"impl": impl, **variant, **base, "skipped": reason})
                     continue
 
-                def fwd(q, k, v, impl=impl):
+                def fwd(q, k, v, impl=impl, variant=variant):
+                    if variant:  # one device, no mesh: the kernel itself, with these settings
+                        return flash_attention(q, k, v, causal=args.causal, segment_ids=seg, **variant)
                     return attention(q, k, v, impl=impl, causal=args.causal, segment_ids=seg)
 
                 def fwd_bwd(q, k, v, do, fwd=fwd):
@@ -131,10 +158,10 @@ def run(args) -> list[dict]:
                     try:
                         sec, compile_s, out = bench(fn, fn_args, args.warmup, args.iters)
                     except Exception as e:  # OOM or an unsupported config: record it, go on
-                        emit({"impl": impl, "pass": name, **base,
+                        emit({"impl": impl, "pass": name, **variant, **base,
                               "skipped": f"{type(e).__name__}: {str(e)[:300]}"})
                         continue
-                    record = {"impl": impl, "pass": name, **base, "ms": round(sec * 1e3, 4),
+                    record = {"impl": impl, "pass": name, **variant, **base, "ms": round(sec * 1e3, 4),
                               "tflops": round(flops / sec / 1e12, 3),
                               "compile_s": round(compile_s, 2)}
                     if name == "fwd" and ref is not None:

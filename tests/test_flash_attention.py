@@ -203,6 +203,30 @@ def test_gpu_path_lowers_through_triton(H, with_segments, monkeypatch):
         "flash_attention_fwd", "flash_attention_dkdv", "flash_attention_dq"]
 
 
+def test_tuning_settings_reach_the_triton_launch_and_are_checked(monkeypatch):
+    q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.bfloat16)
+    f = lambda q, k, v: flash_attention(q, k, v, block_q=32, block_k=64, num_warps=2, num_stages=3)
+    text = _lower_for("cuda", monkeypatch, f, q, kv, kv)
+    assert re.findall(r"(grid_x|num_warps|num_stages) = (\d+)", text) == [
+        ("grid_x", "8"), ("num_stages", "3"), ("num_warps", "2")]  # 256 / block_q programs
+    with pytest.raises(ValueError, match="num_warps must be a power of 2"):
+        flash_attention(*(jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)), num_warps=3)
+    monkeypatch.setattr(fa.jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ValueError, match="block_q, num_stages tune the GPU"):
+        flash_attention(*(jnp.zeros(x.shape, x.dtype) for x in (q, kv, kv)), block_q=32, num_stages=3)
+
+
+def test_benchmark_sweeps_every_pallas_setting():
+    from benchmarks import attention as bench
+
+    args = bench.parse_args(["--pallas-tiles", "128x64,64x32", "--pallas-warps", "4,8"])
+    assert bench.pallas_variants(args) == [
+        {"block_q": 128, "block_k": 64, "num_warps": 4}, {"block_q": 128, "block_k": 64, "num_warps": 8},
+        {"block_q": 64, "block_k": 32, "num_warps": 4}, {"block_q": 64, "block_k": 32, "num_warps": 8}]
+    assert bench.pallas_variants(bench.parse_args([])) == [{}]
+
+
 def test_tpu_path_lowers_to_splash_kernels(monkeypatch):
     """On TPU `flash_attention` hands off to splash attention: its Mosaic TPU kernels lower
     (forward, and the dq and dk/dv kernels of the backward)."""

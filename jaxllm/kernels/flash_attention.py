@@ -49,6 +49,8 @@ class _Config:
     block_k_bwd: int
     kv_padded: bool  # keys past kv_len exist and must be masked
     interpret: bool
+    num_warps: int | None = None  # Triton launch settings; None: by head dim
+    num_stages: int | None = None
 
     @property
     def causal_offset(self) -> int:
@@ -141,7 +143,8 @@ def _compiler_params(cfg: _Config, head_dim: int):
     # Passing Triton params also pins the Triton lowering (rather than Mosaic GPU).
     from jax.experimental.pallas import triton as pl_triton
 
-    return pl_triton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    warps = cfg.num_warps or (4 if head_dim <= 64 else 8)
+    return pl_triton.CompilerParams(num_warps=warps, num_stages=cfg.num_stages or 2)
 
 
 def _over_kv_blocks(cfg: _Config, body, carry, q_start, bq: int, bk: int, n_kv: int, lo_ref,
@@ -430,14 +433,16 @@ def _check_block(name: str, value: int):
 
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=None,
                     interpret: bool = False, block_q: int | None = None,
-                    block_k: int | None = None):
+                    block_k: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None):
     """Fused attention. q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; returns [B, T, N, H].
 
     segment_ids [B, T] (self-attention only, T == S): tokens attend within their segment.
     causal: query t sees keys s <= t + (S - T). sm_scale defaults to H ** -0.5.
     interpret: run the Pallas kernels in the interpreter (CPU tests); otherwise a GPU (Triton)
     or a TPU (splash attention) is required. block_q / block_k (powers of 2) override the tile
-    sizes of the forward and backward kernels alike.
+    sizes of the forward and backward kernels alike; num_warps / num_stages the Triton launch
+    (all four are for tuning the GPU kernel, `python -m benchmarks.attention --pallas-tiles ...`).
     """
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
@@ -454,9 +459,18 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
         raise ValueError(f"causal attention needs q_len <= kv_len, got {T} > {S}: "
                          "the first queries would see no key")
     sm_scale = float(H ** -0.5 if sm_scale is None else sm_scale)
+    if num_warps is not None and (not _is_pow2(num_warps) or num_warps > 16):
+        raise ValueError(f"num_warps must be a power of 2 <= 16, got {num_warps}")
+    if num_stages is not None and num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    tuning = {k: v for k, v in (("block_q", block_q), ("block_k", block_k), ("num_warps", num_warps),
+                                ("num_stages", num_stages)) if v is not None}
 
     if not interpret:
         backend = jax.default_backend()
+        if backend == "tpu" and tuning:
+            raise ValueError(f"{', '.join(tuning)} tune the GPU (Triton) kernel; on TPU splash "
+                             "attention picks its own tiles")
         if backend == "tpu":
             from jaxllm.kernels.splash_attention import splash_attention
 
@@ -485,7 +499,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
         Tp = Sp = _round_up(T, max(bq_f, bq_b, bk_f, bk_b))
     cfg = _Config(q_len=T, kv_len=S, causal=causal, sm_scale=sm_scale, block_q=bq_f,
                   block_k=bk_f, block_q_bwd=bq_b, block_k_bwd=bk_b, kv_padded=Sp != S,
-                  interpret=bool(interpret))
+                  interpret=bool(interpret), num_warps=num_warps, num_stages=num_stages)
 
     def pad(x, length):
         widths = ((0, 0), (0, length - x.shape[1]), (0, 0), (0, Hp - H))
