@@ -214,9 +214,12 @@ class SFTConfig:
     template: str = "chatml"
     messages_field: str = "messages"
     truncation: Literal["truncate_end", "drop"] = "truncate_end"
-    # mean: average over the batch's assistant tokens; sum: summed over them (Tulu 3), divided
-    # only by the number of microbatches.
+    # mean: average over the batch's assistant tokens; sum: summed over each row's assistant
+    # tokens, averaged over rows (Tulu 3, with packing false: a row is one conversation).
     reduce_loss: Literal["mean", "sum"] = "mean"
+    # true: conversations packed whole into rows of data.seq_len (segment ids keep them apart);
+    # false: one conversation per row, padded (as TRL's default and open-instruct's Tulu 3 runs).
+    packing: bool = True
     # Unlikelihood (Welleck et al. 2020) on a record's negative reply tokens: weight * sum of
     # -log(1 - p(token)); 0 turns it off. The negative reply is the record's `negative_field`.
     unlikelihood_weight: float = 0.0

@@ -167,6 +167,7 @@ def assert_halves_add_up(obj, params, batch, **kw):
 
 def test_sft_loss_equals_numpy_cross_entropy_mean_and_sum(params):
     batch = sft_batch()
+    batch["loss_mask"][3] = 0  # a row with no assistant token: no weight under sum
     (mean_sum, mean_aux), (sum_sum, sum_aux) = jax.jit(
         lambda p, b: (SFT_MEAN.loss(p, b), SFT_SUM.loss(p, b)))(params, batch)
     lp = target_logp(np_logps(params, batch["tokens"], batch["positions"], batch["segment_ids"]), batch["targets"])
@@ -175,11 +176,13 @@ def test_sft_loss_equals_numpy_cross_entropy_mean_and_sum(params):
     n, n_ul = batch["loss_mask"].sum(), batch["ul_mask"].sum()
     assert ul > 0 and n_ul > 5
 
-    # sum: the token sum, weight 1 per batch; no unlikelihood (weight 0), no ul stats.
+    # sum: the token sum, weight 1 per row with loss tokens; no unlikelihood (weight 0), no ul stats.
+    rows = int((batch["loss_mask"].sum(axis=1) > 0).sum())
+    assert 1 < rows < len(batch["loss_mask"])  # the batch has a row without loss tokens
     np.testing.assert_allclose(sum_sum, ce, rtol=RTOL)
-    assert float(sum_aux["weight"]) == 1.0 and "ul_sum" not in sum_aux
+    assert float(sum_aux["weight"]) == rows and "ul_sum" not in sum_aux
     m = finalize(SFT_SUM, sum_sum, sum_aux)
-    np.testing.assert_allclose(m["loss"], ce, rtol=RTOL)
+    np.testing.assert_allclose(m["loss"], ce / rows, rtol=RTOL)
     np.testing.assert_allclose(m["nll"], ce / n, rtol=RTOL)  # the per-token mean, reported either way
 
     # mean, with unlikelihood weight 0.7: (ce + 0.7 ul) / loss tokens.

@@ -125,6 +125,28 @@ def test_sft_masks_and_negative_segments(tmp_path, sp):
     assert len(seen) == 2 * len(recs)
 
 
+def test_sft_without_packing_one_conversation_per_row(tmp_path, sp):
+    """sft.packing false: the same conversations in the same order, one per row, padded."""
+    path = _write(tmp_path / "sft.jsonl", _sft_records(10))
+
+    def conversations(packing, batches):
+        cfg = _cfg("sft", path, seq_len=96, sft={"packing": packing})
+        out, per_row = [], []
+        for batch in _take(tasks.make_train_iterator(cfg, sp, process_index=0, process_count=1), batches):
+            for b in range(len(batch["tokens"])):
+                seg = batch["segment_ids"][b]
+                per_row.append(int(seg.max()))
+                out += [batch["tokens"][b][seg == s].tolist() for s in range(1, seg.max() + 1)]
+        return out, per_row
+
+    packed, packed_rows = conversations(True, 5)
+    single, single_rows = conversations(False, 5)  # 10 rows: epoch 0
+    assert max(packed_rows) > 1 and single_rows == [1] * 10
+    assert single == packed[:10]
+    cfg = _cfg("sft", path, seq_len=96, sft={"packing": False})
+    assert tasks.batches_per_epoch(cfg, sp, process_count=1) == {"batches": 5, "rows": 10, "skipped": 0}
+
+
 def _runs(mask):
     out, start = [], None
     for k, m in enumerate(list(mask) + [0]):

@@ -460,28 +460,30 @@ class SFTPackIterDataset(grain.IterDataset):
     Each element of the parent is a list of segments (ids, loss_mask, ul_mask) of at most
     seq_len + 1 tokens (one record: its conversation and maybe a negative reply); each segment
     is laid whole into a row, greedily as `pack_examples` does; a segment that does not fit the
-    current row's remainder starts the next row. The state is the parent's state before the
+    current row's remainder starts the next row. `pack=False` gives every segment a row of its
+    own (one conversation per row, padded). The state is the parent's state before the
     record being laid out plus how many of its segments were emitted, so it is JSON-able and a
     restore resumes with exactly the rows that would have come next.
     """
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int = 0):
+    def __init__(self, parent: grain.IterDataset, seq_len: int, pad_id: int = 0, *, pack: bool = True):
         super().__init__(parent)
         if seq_len <= 0:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
-        self._seq_len, self._pad_id = seq_len, pad_id
+        self._seq_len, self._pad_id, self._pack = seq_len, pad_id, pack
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _SFTPackIterator(self._parent.__iter__(), self._seq_len, self._pad_id)
+        return _SFTPackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._pack)
 
     def __str__(self) -> str:
-        return f"SFTPackIterDataset(seq_len={self._seq_len})"
+        return f"SFTPackIterDataset(seq_len={self._seq_len}, pack={self._pack})"
 
 
 class _SFTPackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, pack: bool):
         super().__init__(parent)
         self._rows = _RowBuilder(seq_len, pad_id)
+        self._pack = pack
         self._segments: list | None = None  # the record being laid out, if any
         self._record_state: dict | None = None  # parent state just before that record
         self._done = 0  # its segments already placed
@@ -508,7 +510,7 @@ class _SFTPackIterator(grain.DatasetIterator):
             if n > seq_len:
                 raise ValueError(f"segment of {len(ids)} tokens does not fit seq_len {seq_len} (max {seq_len + 1})")
             if n >= 1:
-                if rows.filled + n > seq_len:
+                if rows.filled + n > seq_len or (rows.filled and not self._pack):
                     return rows.flush()  # the segment stays pending for the next row
                 rows.add(np.asarray(ids, np.int32), np.asarray(mask, np.float32), np.asarray(ul, np.float32))
             self._done += 1

@@ -1,7 +1,8 @@
 """Data for the post-training tasks: sft rows, dpo / reward pairs and kto examples, as batches.
 
 `cfg.task` picks the format:
-  sft               conversations (`sft.messages_field`) -> chat template -> packed rows
+  sft               conversations (`sft.messages_field`) -> chat template -> packed rows (with
+                    sft.packing false, one conversation per row)
                     (tokens, targets, positions, segment_ids int32 [b, T]; loss_mask, ul_mask
                     float32): loss_mask 1 where the target is an assistant token, ul_mask 1 where
                     it is a token of the record's negative reply (`sft.negative_field`, read only
@@ -20,7 +21,7 @@ The template is `sft.template` for every task; `data.add_bos` prepends BOS unles
 starts with it (data.add_eos is not used: the template's turn end closes each reply). Training reads like the pretraining pipeline: the split's records (a random-
 access RecordSource) -> this process's slice [process_index::process_count] -> shuffle by
 data.seed, differently each epoch -> repeat -> tokenize (grain map, data.num_workers threads) ->
-(sft: pack whole records) -> batch; the iterator is a `pipeline.DataIterator`, so get_state() is
+(sft: pack whole records, or one per row) -> batch; the iterator is a `pipeline.DataIterator`, so get_state() is
 JSON-able and set_state() checks the settings. Records that cannot be used are skipped and
 counted by reason: malformed lines when the split is indexed (`source_skipped`), and records
 that fail at tokenization (bad messages, too long, ...) in the iterator's `skipped` Counter;
@@ -257,7 +258,7 @@ def _settings(cfg, tokenizer, fmt: str, batch: int, process_index: int, process_
            "process_index": process_index, "process_count": process_count}
     if fmt == "sft":
         out.update(messages_field=s.messages_field, negative_field=_negative_field(cfg) or "",
-                   truncation=s.truncation)
+                   truncation=s.truncation, packing=s.packing)
     else:
         out.update(prompt_field=p.prompt_field, max_prompt_len=p.max_prompt_len)
         if fmt == "pairs":
@@ -301,7 +302,7 @@ def _train_rows(cfg, tokenizer, source, process_index: int, process_count: int, 
     examples = records.map(Examples(cfg, tokenizer, source))
     counted = CountSkips(examples.to_iter_dataset(pipeline._read_options(d.num_workers)), 2 * n)
     if task_format(cfg) == "sft":
-        return chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id), counted
+        return chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id, pack=cfg.sft.packing), counted
     return counted, counted
 
 
@@ -428,7 +429,7 @@ def make_eval_batches(cfg, tokenizer, num_batches: int, *, process_index: int | 
     records = grain.MapDataset.source(_Indexed(source)).shuffle(seed=pipeline._EVAL_ORDER_SEED).map(examples)
     counted = CountSkips(records.to_iter_dataset(pipeline._read_options(d.num_workers)), len(source))
     all_rows = []
-    for row in chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id):
+    for row in chat.SFTPackIterDataset(counted, d.seq_len, tokenizer.pad_id, pack=cfg.sft.packing):
         all_rows.append(row)
         if len(all_rows) == wanted * pipeline.EVAL_SCAN_ROWS_FACTOR:
             break

@@ -4,10 +4,11 @@
 
 `sft.reduce_loss` picks the denominator the step divides by (`aux["weight"]`):
   mean  the number of loss tokens of the batch: a per-token average (TRL's default);
-  sum   1 per (micro)batch with any loss token: the optimised loss is the batch's token SUM,
-        averaged only over gradient-accumulation microbatches (eval: over batches), as
-        open-instruct's Tulu 3 `reduce_loss: sum` (long replies weigh more). The batch is the
-        global one, not a per-device slice, so the scale grows with the global batch size.
+  sum   the number of rows with any loss token: the optimised loss is each row's token SUM,
+        averaged over the rows. With `sft.packing: false` a row is one conversation, so this
+        is open-instruct's Tulu 3 `reduce_loss: sum` at one conversation per device and
+        microbatch (long replies weigh more), independent of batch size, device count and
+        gradient accumulation; with packing, a row's conversations are summed together.
 Either way `nll` (per-token mean cross-entropy) and `accuracy` are reported per loss token, and
 `ul` (mean -log(1 - p) per negative token) when unlikelihood is on.
 
@@ -64,8 +65,9 @@ class SFTObjective(NoExtraParams):
                                             batch["ul_mask"] if use_ul else None, self.chunk_size)
         loss_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
         loss_sum = ce + self.ul_weight * ul if use_ul else ce
-        # sum: one unit per (micro)batch that has loss tokens (an all-padding eval batch adds none).
-        aux = {"weight": loss_tokens if self.reduce == "mean" else (loss_tokens > 0).astype(jnp.float32),
+        # sum: one unit per row that has loss tokens (padding rows add none).
+        rows = jnp.sum((jnp.sum(batch["loss_mask"], axis=1) > 0).astype(jnp.float32))
+        aux = {"weight": loss_tokens if self.reduce == "mean" else rows,
                "tokens": jnp.sum((batch["segment_ids"] > 0).astype(jnp.float32)),
                "loss_tokens": loss_tokens, "nll_sum": ce, "correct": correct}
         if use_ul:
