@@ -168,6 +168,9 @@ class TrainerConfig:
     # > 0 (sft, dpo, reward): train this many passes over data.train instead; total_steps is then
     # computed from the data at the start of the run (and must not be set as well).
     epochs: float = 0.0
+    # > 0 (pretraining): train this many tokens instead; total_steps follows from the stages'
+    # batch_size * seq_len (and must not be set as well).
+    total_tokens: int = 0
     batch_size: int = 32  # global, in sequences of data.seq_len tokens
     grad_accum_steps: int = 1  # microbatches per step; batch_size must divide evenly
     run_dir: str = "runs/default"
@@ -295,19 +298,23 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
 
 
 def _run_length_yields(parent: dict, layer: dict, where: str) -> dict:
-    """trainer.total_steps and trainer.epochs both set the run's length: the one a later layer
-    (a file over its base, an override over the file) sets replaces the other from the earlier
-    layers; one layer setting both is an error."""
+    """trainer.total_steps, trainer.epochs and trainer.total_tokens each set the run's length:
+    the one a later layer (a file over its base, an override over the file) sets replaces the
+    others from the earlier layers; one layer setting two is an error."""
     trainer = layer.get("trainer")
     if not isinstance(trainer, dict):
         return parent
-    if trainer.get("epochs") and "total_steps" in trainer:
-        raise ConfigError(f"{where}: set trainer.epochs or trainer.total_steps, not both (with epochs "
-                          "the run computes total_steps from the data)")
-    drop = "total_steps" if trainer.get("epochs") else "epochs" if "total_steps" in trainer else None
-    if drop is None or drop not in (parent.get("trainer") or {}):
+    given = [k for k in RUN_LENGTH_KEYS if trainer.get(k) or (k == "total_steps" and k in trainer)]
+    if len(given) > 1:
+        raise ConfigError(f"{where}: set one of {', '.join('trainer.' + k for k in given)}: each sets "
+                          "the run's length")
+    if not given or not isinstance(parent.get("trainer"), dict):
         return parent
-    return {**parent, "trainer": {k: v for k, v in parent["trainer"].items() if k != drop}}
+    return {**parent, "trainer": {k: v for k, v in parent["trainer"].items()
+                                  if k == given[0] or k not in RUN_LENGTH_KEYS}}
+
+
+RUN_LENGTH_KEYS = ("total_steps", "epochs", "total_tokens")
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -330,7 +337,7 @@ def apply_override(raw: dict, override: str) -> dict:
     except yaml.YAMLError:
         parsed = value
     out = dict(raw)
-    if parts[:1] == ["trainer"] and parts[-1] in ("epochs", "total_steps"):
+    if parts[:1] == ["trainer"] and parts[-1] in RUN_LENGTH_KEYS:
         out = _run_length_yields(out, {"trainer": {parts[-1]: parsed}}, f"override {override!r}")
     node = out
     for p in parts[:-1]:
@@ -437,6 +444,9 @@ def validate(cfg: Config) -> None:
         (t.epochs >= 0, "trainer.epochs must be >= 0"),
         (t.epochs == 0 or cfg.task in ("sft", "dpo", "reward"),
          "trainer.epochs is for task sft, dpo or reward; for pretraining set trainer.total_steps"),
+        (t.total_tokens >= 0, "trainer.total_tokens must be >= 0"),
+        (t.total_tokens == 0 or cfg.task == "pretrain",
+         "trainer.total_tokens is for pretraining; post-training runs set trainer.epochs or total_steps"),
         (t.batch_size > 0, "trainer.batch_size must be > 0"),
         (t.grad_accum_steps > 0 and t.batch_size % t.grad_accum_steps == 0,
          f"trainer.grad_accum_steps ({t.grad_accum_steps}) must divide trainer.batch_size ({t.batch_size})"),
@@ -447,7 +457,9 @@ def validate(cfg: Config) -> None:
         (cfg.logging.every_steps > 0, "logging.every_steps must be > 0"),
         (0.0 <= cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction must be in [0, 1]"),
         (0.0 <= cfg.schedule.warmup_ratio < 1.0, "schedule.warmup_ratio must be in [0, 1)"),
-        (cfg.schedule.warmup_ratio > 0 or 0 <= cfg.schedule.warmup_steps <= t.total_steps,
+        # With epochs or total_tokens, total_steps is known later (checked again then).
+        (cfg.schedule.warmup_ratio > 0 or t.epochs > 0 or t.total_tokens > 0
+         or 0 <= cfg.schedule.warmup_steps <= t.total_steps,
          "schedule.warmup_steps must be between 0 and trainer.total_steps"),
         (0.0 < d.eval_fraction < 1.0, "data.eval_fraction must be in (0, 1)"),
         (all(x == -1 or x > 0 for x in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
@@ -551,13 +563,32 @@ def _validate_mixture(cfg: Config) -> None:
             raise ConfigError(f"{key}.seq_len ({st.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
 
 
+def resolve_total_tokens(cfg: Config) -> Config:
+    """With trainer.total_tokens > 0: cfg with total_steps = the steps that train that many tokens
+    through the stages (each step is its stage's batch_size * seq_len tokens), and total_tokens 0
+    (so the run's saved config is plain). Otherwise cfg itself."""
+    t = cfg.trainer
+    if t.total_tokens <= 0:
+        return cfg
+    plan = stage_plan(cfg)
+    before_last = sum((b.start_step - a.start_step) * a.batch_size * a.seq_len for a, b in zip(plan, plan[1:]))
+    last = plan[-1]
+    if t.total_tokens <= before_last:
+        raise ConfigError(f"trainer.total_tokens ({t.total_tokens}) ends before data.stages[{last.index}] "
+                          f"starts ({before_last} tokens in)")
+    steps = last.start_step + -(-(t.total_tokens - before_last) // (last.batch_size * last.seq_len))
+    resolved = dataclasses.replace(cfg, trainer=dataclasses.replace(t, total_steps=steps, total_tokens=0))
+    validate(resolved)
+    return resolved
+
+
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
     raw = _read_yaml(path)
     for o in overrides:
         raw = apply_override(raw, o)
     cfg = build(Config, raw)
     validate(cfg)
-    return cfg
+    return resolve_total_tokens(cfg)
 
 
 def load_config_or_report(path: str, overrides: typing.Sequence[str] = ()) -> Config | None:

@@ -284,6 +284,7 @@ def train(cfg: config_lib.Config) -> dict:
     if jax.process_index() == 0:
         os.makedirs(run_dir, exist_ok=True)
     tokenizer = run_tokenizer(cfg, run_dir)
+    cfg = config_lib.resolve_total_tokens(cfg)
     cfg = resolve_epochs(cfg, tokenizer, run_dir, log=print if jax.process_index() == 0 else lambda _: None)
     t = cfg.trainer
     if jax.process_index() == 0:

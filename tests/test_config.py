@@ -69,11 +69,32 @@ def test_epochs_and_total_steps_the_later_layer_wins(tmp_path):
     assert (cfg.trainer.epochs, cfg.trainer.total_steps) == (0, 100)
     assert load_config(recipe, ["trainer.total_steps=100", "trainer.epochs=1"]).trainer.epochs == 1
     (tmp_path / "both.yaml").write_text(f"base: {recipe}\ntrainer: {{epochs: 1, total_steps: 10}}\n")
-    with pytest.raises(ConfigError, match="both.yaml: set trainer.epochs or trainer.total_steps, not both"):
+    with pytest.raises(ConfigError, match="both.yaml: set one of trainer.total_steps, trainer.epochs"):
         load_config(str(tmp_path / "both.yaml"))
     (tmp_path / "alone.yaml").write_text("task: sft\ntrainer: {epochs: 1, total_steps: 10}\n")
-    with pytest.raises(ConfigError, match="alone.yaml: set trainer.epochs"):
+    with pytest.raises(ConfigError, match="alone.yaml: set one of"):
         load_config(str(tmp_path / "alone.yaml"))
+
+
+def test_total_tokens_sets_the_steps_through_the_stages(tmp_path):
+    # Stage 0: 4 x 32 = 128 tokens per step for 10 steps; stage 1: 8 x 64 = 512 per step.
+    (tmp_path / "t.yaml").write_text(f"""base: {os.path.join(ROOT, "configs", "tiny.yaml")}
+data:
+  seq_len: 32
+  stages: [{{}}, {{start_step: 10, seq_len: 64, batch_size: 8}}]
+schedule: {{warmup_steps: 2}}
+trainer: {{batch_size: 4, total_tokens: {10 * 128 + 5 * 512 + 1}}}
+""")
+    cfg = load_config(str(tmp_path / "t.yaml"))
+    assert (cfg.trainer.total_steps, cfg.trainer.total_tokens) == (16, 0)  # 10 + ceil((5 * 512 + 1) / 512)
+    assert load_config(str(tmp_path / "t.yaml"), ["trainer.total_steps=7"]).trainer.total_steps == 7
+    with pytest.raises(ConfigError, match="ends before data.stages\\[1\\] starts \\(1280 tokens in\\)"):
+        load_config(str(tmp_path / "t.yaml"), ["trainer.total_tokens=1000"])
+    with pytest.raises(ConfigError, match="trainer.total_tokens is for pretraining"):
+        load_config(os.path.join(ROOT, "configs", "recipes", "tulu3-8b-sft.yaml"), ["trainer.total_tokens=9"])
+    # The SmolLM2 recipe: 2T + 20B tokens at 524288 per step, stage starts rounded up to whole steps.
+    smol = load_config(os.path.join(ROOT, "configs", "recipes", "smollm2-135m-4stage.yaml")).trainer
+    assert smol.total_steps == 3852845
 
 
 def test_cli_bad_key_is_one_line_without_traceback():
