@@ -2,13 +2,13 @@
 cached reference log-probs train exactly like a live reference, DPO starts at log 2, LoRA
 trains only adapters under DPO, a reward model learns, and each stage keeps its tokenizer."""
 
-import dataclasses
 import filecmp
 import json
 import math
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -84,7 +84,7 @@ def test_dpo_cached_reference_equals_live_and_starts_at_log2(data, sft_run, tmp_
         cfg = _cfg(data, "dpo", tmp_path / f"dpo-{ref}", steps=4, model={"init_from": str(sft_run)},
                    preference={"loss_type": "sigmoid", "beta": 0.5, "reference": ref})
         runs[ref] = (train(cfg), _losses(cfg.trainer.run_dir))
-    (s_c, l_c), (s_l, l_l) = runs["cached"], runs["live"]
+    (s_c, l_c), (_, l_l) = runs["cached"], runs["live"]
     assert s_c["initial_eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     np.testing.assert_allclose([l_c[s] for s in range(1, 5)], [l_l[s] for s in range(1, 5)], rtol=1e-5)
     assert os.path.exists(tmp_path / "dpo-cached" / "reference_logps" / "train.npz")
@@ -131,8 +131,7 @@ def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run, tm
     from jaxllm.models import forward
 
     run = sft_run
-    # 24 pairs: the direct forward below runs one unbatched sequence at a time.
-    lines = (data["dir"] / "pref_eval.jsonl").read_text().splitlines()[:24]
+    lines = (data["dir"] / "pref_eval.jsonl").read_text().splitlines()[:32]
     pairs = str(tmp_path / "pairs.jsonl")
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     got = evaluate_run(str(run), pairs=pairs)
@@ -140,10 +139,17 @@ def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run, tm
     tok = run_tokenizer(cfg, str(run))
     enc = PromptCompletionEncoder(tok, cfg.sft.template, seq_len=cfg.data.seq_len, add_bos=cfg.data.add_bos)
 
+    # One compiled forward over rows padded at the end: causal, so padding changes no real position.
+    L = cfg.data.seq_len
+    fwd = jax.jit(lambda x: forward(cfg.model, params, x))
+
     def logp(prompt, reply):
         p, c = enc(prompt, reply)
         ids = np.concatenate([p, c])
-        logits = np.asarray(forward(cfg.model, params, ids[None, :-1]), np.float64)[0]
+        assert len(ids) - 1 <= L
+        padded = np.zeros((1, L), np.int32)
+        padded[0, :len(ids) - 1] = ids[:-1]
+        logits = np.asarray(fwd(padded), np.float64)[0, :len(ids) - 1]
         logprobs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
             - logits.max(-1, keepdims=True)
         return sum(logprobs[len(p) - 1 + j, t] for j, t in enumerate(c))
