@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import re
 import statistics
 import sys
 import time
@@ -31,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import environment
+from benchmarks.common import environment, write_results
 from jaxllm.kernels.attention import IMPLEMENTATIONS, attention, reference_attention
 from jaxllm.kernels.flash_attention import flash_attention
 
@@ -179,11 +177,8 @@ def main(argv=None):
         env["platform_version"] = jax.devices()[0].client.platform_version
     except AttributeError:
         pass
-    device = re.sub(r"[^a-z0-9]+", "-", env["device_kind"].lower()).strip("-")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"attention-{device}-{env['date'][:10]}.json")
-    with open(path, "w") as f:
-        json.dump({"environment": env, "config": vars(args), "results": records}, f, indent=1)
+    path = write_results("attention", None, {"environment": env, "config": vars(args), "results": records},
+                         args.out)
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -35,13 +36,24 @@ def _module_name() -> str:
     return spec.name if spec and spec.name else sys.argv[0]
 
 
-def write_results(kind: str, tag: str, payload: dict, out_dir: str = "benchmarks/results") -> str:
-    """Writes `<kind>-<tag>-<device>-<date>.json` and returns its path."""
+def config_arg_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The arguments of a benchmark that runs a training config: --config, --out, overrides
+    (add its own options, then `parse_args`)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}", description=description)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", default="benchmarks/results", help="folder for the dated results file ('' = none)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return ap
+
+
+def write_results(kind: str, tag: str | None, payload: dict, out_dir: str = "benchmarks/results") -> str:
+    """Writes `<kind>[-<tag>]-<device>-<date>.json` and returns its path."""
     env = payload.get("environment") or environment()
     device = re.sub(r"[^A-Za-z0-9]+", "-", env["device_kind"]).strip("-").lower()
     date = env["date"][:10]
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{kind}-{tag}-{device}-{date}.json")
+    name = "-".join(part for part in (kind, tag, device, date) if part)
+    path = os.path.join(out_dir, f"{name}.json")
     with open(path, "w") as f:
         json.dump({"environment": env, **payload}, f, indent=2)
     return path

@@ -11,7 +11,6 @@ worker processes are reported too). Prints JSON and writes `benchmarks/results/d
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -20,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import config_arg_parser, environment, write_results
 from jaxllm.config import load_config_or_report
 from jaxllm.data import prepare, sources
 from jaxllm.data.packing import packing_stats
@@ -54,13 +53,10 @@ def measure(cfg, tokenizer, seconds: float) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
+    ap = config_arg_parser("benchmarks.data", __doc__.splitlines()[0])
     ap.add_argument("--prepared", help="a prepared folder of data.train (default: prepare it now)")
     ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes when preparing")
-    ap.add_argument("--out", default="benchmarks/results", help="folder for the dated results file ('' = none)")
-    ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = load_config_or_report(args.config, args.overrides)
     if cfg is None:

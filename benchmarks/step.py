@@ -6,7 +6,6 @@ benchmark), and prints tokens/s, step time, peak device memory and MFU as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -15,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.common import environment, write_results
+from benchmarks.common import config_arg_parser, environment, write_results
 from jaxllm.metrics import peak_tflops_per_device
 from jaxllm.parallel.mesh import mesh_from_config
 from jaxllm.train import Trainer, configure
@@ -31,12 +30,9 @@ def random_batch(cfg, rng) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
+    ap = config_arg_parser("benchmarks.step", __doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--out", default="benchmarks/results", help="folder for the dated results file ('' = none)")
-    ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     cfg = configure(args.config, args.overrides)
     if cfg is None:

@@ -226,11 +226,13 @@ def _data(cfg, tokenizer, reference=None):
 
 
 def _epoch_fingerprint(cfg, tokenizer) -> dict:
-    """What one epoch's batch count depends on; a cached count with another fingerprint is stale."""
-    from jaxllm.data import tasks
+    """What one epoch's batch count depends on; a cached count with another fingerprint is stale.
+    Files by path, size and mtime: a stat each, not another pass over the records."""
+    from jaxllm.data.sources import resolve_files
 
     d = cfg.data
-    return {"task": cfg.task, "train": list(d.train), "size": tasks.split_size(cfg, tokenizer, "train"),
+    files = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for spec in d.train for f in resolve_files(spec)]
+    return {"task": cfg.task, "train": list(d.train), "files": files,
             "seq_len": d.seq_len, "batch_size": cfg.trainer.batch_size, "processes": jax.process_count(),
             "seed": d.seed, "add_bos": d.add_bos, "vocab_size": tokenizer.vocab_size,
             "sft": repr(cfg.sft), "preference": repr(cfg.preference)}

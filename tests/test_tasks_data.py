@@ -575,3 +575,7 @@ def test_resolve_epochs_counts_once_per_data_setting(tmp_path, sp, monkeypatch):
     with pytest.raises(ConfigError, match="not one full batch"):
         train_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=16, trainer={"batch_size": 16, "epochs": 1},
                                       schedule={"warmup_steps": 1}), sp, str(run), log=lambda _: None)
+    before = len(counted)
+    _write(tmp_path / "pairs.jsonl", _pair_records(14) + _pair_records(6))  # the data changed
+    assert train_lib.resolve_epochs(bigger, sp, str(run), log=lambda _: None).trainer.total_steps == 3
+    assert len(counted) == before + 1
