@@ -150,7 +150,7 @@ def load_run(run_dir: str, step: int | None = None):
     if step is None:
         raise FileNotFoundError(f"{ckpt.directory} holds no complete checkpoint")
     if cfg.data.stages:  # the model of the stage the checkpoint was saved in
-        from jaxllm.data.mixture import model_config_at
+        from jaxllm.data.curriculum import model_config_at
 
         cfg = dataclasses.replace(cfg, model=model_config_at(cfg, step))
     keys = params_lib.run_keys(cfg)

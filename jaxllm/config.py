@@ -9,93 +9,21 @@ is a fixed set, the valid choices; `python -m jaxllm.train` prints that line and
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
 import types
 import typing
 from typing import Any, Literal
 
 import yaml
 
+from jaxllm.data import curriculum
+from jaxllm.data.curriculum import SourceConfig, StageConfig
+from jaxllm.errors import ConfigError
+from jaxllm.frozendict import FrozenDict
 from jaxllm.models.llama import ModelConfig, RopeScaling
 from jaxllm.models.lora import LoraConfig
 
 
-class ConfigError(ValueError):
-    """A config problem, described in one line that names the key."""
-
-
-class FrozenDict(dict):
-    """A read-only dict that hashes, so a config holding a mapping (stage weights) stays hashable."""
-
-    def __hash__(self):
-        return hash(frozenset(self.items()))
-
-    def _read_only(self, *args, **kwargs):
-        raise TypeError("config mappings are read-only")
-
-    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
-
-    def __reduce__(self):  # pickle and copy.deepcopy rebuild it from a plain dict
-        return (FrozenDict, (dict(self),))
-
-
-# Source names appear in metric keys (tokens/<name>) and in stage weights.
-_SOURCE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceConfig:
-    """One named source of a pretraining data mixture (`data.sources`)."""
-
-    name: str = ""
-    # Files, folders, globs or built-in specs, as in data.train; eval: optional held-out ones
-    # (pipeline.make_eval_batches(..., source=name)).
-    train: tuple[str, ...] = ()
-    eval: tuple[str, ...] = ()
-    text_field: str | None = None  # None: data.text_field
-    # repeat: start the next epoch (reshuffled); stop: the mixture ends when this source runs out.
-    on_exhaust: Literal["repeat", "stop"] = "repeat"
-
-    def __post_init__(self):
-        if not re.fullmatch(_SOURCE_NAME, self.name):
-            raise ValueError(f"name {self.name!r} must be letters, digits, '_', '-' or '.', starting "
-                             "with a letter or digit (it names metrics)")
-        if not self.train:
-            raise ValueError(f"train: source {self.name!r} lists no files")
-
-
-@dataclasses.dataclass(frozen=True)
-class StageConfig:
-    """One stage of a pretraining curriculum (`data.stages`), in effect from its start on."""
-
-    name: str = ""
-    # Where the stage begins: a step, or a number of training tokens (batch_size * seq_len per
-    # step, converted with the stages before it). The first stage begins at step 0.
-    start_step: int | None = None
-    start_tokens: int | None = None
-    # Source name -> weight (>= 0; normalised): the expected share of the stage's rows (= tokens).
-    # May be left out when there is one source.
-    weights: dict[str, float] = dataclasses.field(default_factory=FrozenDict)
-    seq_len: int | None = None  # None: data.seq_len
-    batch_size: int | None = None  # None: trainer.batch_size (global rows)
-    rope_theta: float | None = None  # None: model.rope_theta
-
-    def __post_init__(self):
-        if self.start_step is not None and self.start_tokens is not None:
-            raise ValueError("give start_step or start_tokens, not both")
-        for key in ("start_step", "start_tokens"):
-            if getattr(self, key) is not None and getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for k, w in self.weights.items():
-            if not (math.isfinite(w) and w >= 0):
-                raise ValueError(f"weights.{k} must be a finite number >= 0, got {w}")
-        if self.weights and not sum(self.weights.values()) > 0:
-            raise ValueError("weights: at least one weight must be > 0")
-        for key in ("seq_len", "batch_size", "rope_theta"):
-            if getattr(self, key) is not None and not getattr(self, key) > 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,112 +399,18 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    _validate_mixture(cfg)
-
-
-# ----------------------------------------------------------------------------- mixture stages
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """One curriculum stage, resolved: `stage_plan(cfg)[i]`."""
-
-    index: int
-    name: str
-    start_step: int  # the first step (state.step before it) that trains on this stage's batches
-    weights: tuple[float, ...]  # per source of `mixture_sources`, in order, summing to 1
-    seq_len: int
-    batch_size: int  # global rows per step
-    rope_theta: float | None  # None: model.rope_theta unchanged
-
-
-def mixture_sources(data: DataConfig) -> tuple[SourceConfig, ...]:
-    """`data.sources`, or the one implicit source "train" made of data.train."""
-    return data.sources or (SourceConfig(name="train", train=data.train, text_field=data.text_field),)
-
-
-def stage_plan(cfg: Config) -> tuple[Stage, ...]:
-    """`data.stages` resolved: start steps (start_tokens converted), normalised weights, shapes.
-
-    Raises ConfigError naming the key of anything inconsistent.
-    """
-    d = cfg.data
-    names = [s.name for s in mixture_sources(d)]
-    if not d.stages and len(names) > 1:
-        raise ConfigError(f"data.stages: required with more than one source in data.sources ({', '.join(names)}); "
-                          "give the stages' weights")
-    out: list[Stage] = []
-    tokens_at_start = 0  # tokens (batch_size * seq_len per step) before the stage's start
-    for i, st in enumerate(d.stages or (StageConfig(),)):
-        key = f"data.stages[{i}]"
-        for k in st.weights:
-            if k not in names:
-                raise ConfigError(f"{key}.weights.{k}: no such source; data.sources names: {', '.join(names)}")
-        if not st.weights and len(names) > 1:
-            raise ConfigError(f"{key}.weights: required with more than one source ({', '.join(names)})")
-        raw = [st.weights.get(n, 0.0) for n in names] if st.weights else [1.0]
-        weights = tuple(w / sum(raw) for w in raw)
-        if i == 0:
-            if st.start_step or st.start_tokens:
-                raise ConfigError(f"{key}: the first stage starts at step 0 (got start_step "
-                                  f"{st.start_step}, start_tokens {st.start_tokens})")
-            start = 0
-        else:
-            prev = out[-1]
-            per_step = prev.batch_size * prev.seq_len
-            if st.start_step is not None:
-                start = st.start_step
-            elif st.start_tokens is not None:
-                if st.start_tokens <= tokens_at_start:
-                    raise ConfigError(f"{key}.start_tokens ({st.start_tokens}) must be after the start of "
-                                      f"data.stages[{i - 1}] ({tokens_at_start} tokens)")
-                start = prev.start_step + -(-(st.start_tokens - tokens_at_start) // per_step)
-            else:
-                raise ConfigError(f"{key}: set start_step or start_tokens")
-            if start <= prev.start_step:
-                raise ConfigError(f"{key}.start_step ({start}) must be after the start of "
-                                  f"data.stages[{i - 1}] (step {prev.start_step})")
-            tokens_at_start += (start - prev.start_step) * per_step
-        out.append(Stage(index=i, name=st.name or f"stage{i}", start_step=start, weights=weights,
-                         seq_len=st.seq_len or d.seq_len, batch_size=st.batch_size or cfg.trainer.batch_size,
-                         rope_theta=st.rope_theta))
-    return tuple(out)
-
-
-def _validate_mixture(cfg: Config) -> None:
-    d = cfg.data
-    if not (d.sources or d.stages):
-        return
-    if cfg.task != "pretrain":
+    if (d.sources or d.stages) and cfg.task != "pretrain":
         raise ConfigError(f"data.sources / data.stages: mixtures are for task pretrain, not {cfg.task}")
-    seen = set()
-    for i, s in enumerate(d.sources):
-        if s.name in seen:
-            raise ConfigError(f"data.sources[{i}].name: {s.name!r} names two sources")
-        seen.add(s.name)
-    for st in stage_plan(cfg):
-        key = f"data.stages[{st.index}]"
-        if st.batch_size % cfg.trainer.grad_accum_steps:
-            raise ConfigError(f"{key}.batch_size ({st.batch_size}) must be divisible by "
-                              f"trainer.grad_accum_steps ({cfg.trainer.grad_accum_steps})")
-        if st.seq_len > cfg.model.max_seq_len:
-            raise ConfigError(f"{key}.seq_len ({st.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    curriculum.validate_mixture(cfg)
 
 
 def resolve_total_tokens(cfg: Config) -> Config:
     """With trainer.total_tokens > 0: cfg with total_steps = the steps that train that many tokens
-    through the stages (each step is its stage's batch_size * seq_len tokens), and total_tokens 0
-    (so the run's saved config is plain). Otherwise cfg itself."""
+    through the stages, and total_tokens 0 (so the run's saved config is plain). Otherwise cfg."""
     t = cfg.trainer
     if t.total_tokens <= 0:
         return cfg
-    plan = stage_plan(cfg)
-    before_last = sum((b.start_step - a.start_step) * a.batch_size * a.seq_len for a, b in zip(plan, plan[1:]))
-    last = plan[-1]
-    if t.total_tokens <= before_last:
-        raise ConfigError(f"trainer.total_tokens ({t.total_tokens}) ends before data.stages[{last.index}] "
-                          f"starts ({before_last} tokens in)")
-    steps = last.start_step + -(-(t.total_tokens - before_last) // (last.batch_size * last.seq_len))
+    steps = curriculum.steps_for_tokens(cfg, t.total_tokens)
     resolved = dataclasses.replace(cfg, trainer=dataclasses.replace(t, total_steps=steps, total_tokens=0))
     validate(resolved)
     return resolved
@@ -626,7 +460,6 @@ def dump_yaml(cfg, path: str) -> None:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "OptimizerConfig", "ScheduleConfig", "TrainerConfig",
     "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling", "SFTConfig",
-    "PreferenceConfig", "LoraConfig", "SourceConfig", "StageConfig", "Stage", "FrozenDict",
-    "mixture_sources", "stage_plan",
+    "PreferenceConfig", "LoraConfig", "SourceConfig", "StageConfig", "FrozenDict",
     "load_config", "load_config_or_report", "build", "validate", "to_dict", "dump_yaml", "apply_override",
 ]

@@ -200,7 +200,7 @@ def merge_run(run_dir: str, method: str, last: int, out_dir: str, interval: int 
         merged = merger.result()
     finally:
         ckpt.close()
-    from jaxllm.data.mixture import model_config_at
+    from jaxllm.data.curriculum import model_config_at
 
     # A curriculum's last merged stage sets the model (e.g. its long-context rope_theta).
     save_params(model_config_at(cfg, steps[-1]), merged, out_dir, cfg=cfg)

@@ -334,7 +334,7 @@ def train(cfg: config_lib.Config) -> dict:
     def trainer_at(step: int) -> Trainer:
         if cfg.task != "pretrain" or not cfg.data.stages:
             return trainer
-        from jaxllm.data.mixture import model_config_at
+        from jaxllm.data.curriculum import model_config_at
 
         model = model_config_at(cfg, step)
         if model not in staged:
@@ -462,6 +462,7 @@ def model_overrides_text(old, new) -> str:
 
 def check_runtime(cfg: config_lib.Config) -> None:
     """Checks that depend on the machine: device count, platform, process count."""
+    from jaxllm.data.curriculum import stage_plan
     from jaxllm.parallel.mesh import mesh_shape
 
     n, platform = jax.device_count(), jax.devices()[0].platform
@@ -477,7 +478,7 @@ def check_runtime(cfg: config_lib.Config) -> None:
                                      "devices; valid here: xla")
     sizes = {"trainer.batch_size": cfg.trainer.batch_size}
     if cfg.task == "pretrain":  # a curriculum stage may set its own batch size
-        sizes |= {f"data.stages[{i}].batch_size": s.batch_size for i, s in enumerate(config_lib.stage_plan(cfg))}
+        sizes |= {f"data.stages[{i}].batch_size": s.batch_size for i, s in enumerate(stage_plan(cfg))}
     for key, size in sizes.items():
         micro = size // cfg.trainer.grad_accum_steps
         if micro % (data * fsdp):

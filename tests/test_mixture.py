@@ -13,9 +13,9 @@ import os
 import numpy as np
 import pytest
 
-from jaxllm.config import Config, ConfigError, DataConfig, TrainerConfig, build, dump_yaml, load_config, \
-    stage_plan, validate
-from jaxllm.data import mixture, pipeline
+from jaxllm.config import Config, ConfigError, DataConfig, TrainerConfig, build, dump_yaml, load_config, validate
+from jaxllm.data import curriculum, mixture, pipeline
+from jaxllm.data.curriculum import stage_plan
 from jaxllm.data.packing import packing_stats
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
 
@@ -190,11 +190,11 @@ def test_stage_switches_exactly_at_start_step_with_new_shapes(corpus):
     assert [s.start_step for s in plan] == [0, 5, 8]
     assert [(s.seq_len, s.batch_size) for s in plan] == [(16, 8), (32, 4), (16, 8)]
     assert plan[2].weights == (0.25, 0.0, 0.75)
-    assert [mixture.stage_at(cfg, s)[0] for s in (0, 4, 5, 7, 8, 10**6)] == [0, 0, 1, 1, 2, 2]
-    assert mixture.model_overrides(plan[0]) == {} and mixture.model_overrides(plan[2]) == {"rope_theta": 40000.0}
+    assert [curriculum.stage_at(cfg, s)[0] for s in (0, 4, 5, 7, 8, 10**6)] == [0, 0, 1, 1, 2, 2]
+    assert curriculum.model_overrides(plan[0]) == {} and curriculum.model_overrides(plan[2]) == {"rope_theta": 40000.0}
     it = make_train_iterator(cfg, TOK, process_index=0, process_count=1)
     for step in range(14):
-        assert it.stage.index == mixture.stage_at(cfg, step)[0]
+        assert it.stage.index == curriculum.stage_at(cfg, step)[0]
         batch = next(it)
         src = set(_source_of_rows(batch).tolist())
         if step < 5:
@@ -203,7 +203,7 @@ def test_stage_switches_exactly_at_start_step_with_new_shapes(corpus):
             assert batch["tokens"].shape == (4, 32) and src == {1}
         else:
             assert batch["tokens"].shape == (8, 16) and src <= {0, 2}
-        assert it.stats()["stage"] == mixture.stage_at(cfg, step)[0]
+        assert it.stats()["stage"] == curriculum.stage_at(cfg, step)[0]
 
 
 def _reference_pairs(root, name, n_pairs):

@@ -40,37 +40,13 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxllm.config import Stage, mixture_sources, stage_plan
+from jaxllm.data.curriculum import Stage, mixture_sources, stage_index, stage_plan
 from jaxllm.data import pipeline
 from jaxllm.data.packing import PackIterDataset
 
 _DRAW_BLOCK = 1024  # uniforms made per Philox call
 _DRAW_DOMAIN = 0x6D6978  # "mix": keeps the draw stream apart from other users of data.seed
 _STAGE_SEED_STRIDE = 1_000_003  # window-shuffle seed of stage k: data.seed + k * stride
-
-
-def stage_at(cfg, step: int) -> tuple[int, Stage]:
-    """(index, stage) of the batch trained when `step` steps are done (state.step before it)."""
-    plan = stage_plan(cfg)
-    i = _stage_index(plan, step)
-    return i, plan[i]
-
-
-def model_overrides(stage: Stage) -> dict[str, Any]:
-    """The model fields a stage changes: `dataclasses.replace(cfg.model, **model_overrides(stage))`."""
-    return {} if stage.rope_theta is None else {"rope_theta": stage.rope_theta}
-
-
-def model_config_at(cfg, step: int):
-    """cfg.model with the overrides of the stage trained when `step` steps are done (e.g. the
-    model a finished run has trained: `model_config_at(cfg, cfg.trainer.total_steps)`)."""
-    return dataclasses.replace(cfg.model, **model_overrides(stage_at(cfg, step)[1]))
-
-
-def _stage_index(plan: tuple[Stage, ...], step: int) -> int:
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return max(s.index for s in plan if s.start_step <= step)
 
 
 def _cdf(weights: tuple[float, ...]) -> np.ndarray:
@@ -307,7 +283,7 @@ class MixtureIterator:
     @property
     def stage(self) -> Stage:
         """The stage of the next batch."""
-        return self.plan[_stage_index(self.plan, self.step)]
+        return self.plan[stage_index(self.plan, self.step)]
 
     # ------------------------------------------------------------------------- iteration
 
@@ -317,7 +293,7 @@ class MixtureIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self._exhausted:
             raise StopIteration
-        k = _stage_index(self.plan, self.step)
+        k = stage_index(self.plan, self.step)
         if k != self._stage_index:
             self._enter(k)
         try:
