@@ -22,6 +22,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.frozendict import FrozenDict
 from jaxllm.models.llama import ModelConfig, RopeScaling
 from jaxllm.models.lora import LoraConfig
+from jaxllm import tasks
 
 
 
@@ -186,7 +187,7 @@ class PreferenceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    task: Literal["pretrain", "sft", "dpo", "reward"] = "pretrain"
+    task: str = "pretrain"  # a name in jaxllm.tasks.TASKS
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -370,11 +371,7 @@ def validate(cfg: Config) -> None:
     checks = [
         (t.total_steps > 0, "trainer.total_steps must be > 0"),
         (t.epochs >= 0, "trainer.epochs must be >= 0"),
-        (t.epochs == 0 or cfg.task in ("sft", "dpo", "reward"),
-         "trainer.epochs is for task sft, dpo or reward; for pretraining set trainer.total_steps"),
         (t.total_tokens >= 0, "trainer.total_tokens must be >= 0"),
-        (t.total_tokens == 0 or cfg.task == "pretrain",
-         "trainer.total_tokens is for pretraining; post-training runs set trainer.epochs or total_steps"),
         (t.batch_size > 0, "trainer.batch_size must be > 0"),
         (t.grad_accum_steps > 0 and t.batch_size % t.grad_accum_steps == 0,
          f"trainer.grad_accum_steps ({t.grad_accum_steps}) must divide trainer.batch_size ({t.batch_size})"),
@@ -399,8 +396,7 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
-    if (d.sources or d.stages) and cfg.task != "pretrain":
-        raise ConfigError(f"data.sources / data.stages: mixtures are for task pretrain, not {cfg.task}")
+    tasks.validate(cfg)
     curriculum.validate_mixture(cfg)
 
 

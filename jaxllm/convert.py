@@ -10,6 +10,8 @@ import argparse
 import re
 import sys
 
+from jaxllm.errors import run_cli
+
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -22,7 +24,7 @@ def parse_size(text: str) -> int:
 
 
 def hf_to_jaxllm(args) -> None:
-    from jaxllm.checkpoint import save_params
+    from jaxllm.run import save_params
     from jaxllm.models.hf import load_hf_checkpoint
 
     cfg, params = load_hf_checkpoint(args.hf, dtype=args.dtype)
@@ -32,7 +34,7 @@ def hf_to_jaxllm(args) -> None:
 
 
 def jaxllm_to_hf(args) -> None:
-    from jaxllm.checkpoint import load_params
+    from jaxllm.run import load_params
     from jaxllm.models.hf import save_hf_checkpoint
 
     cfg, params = load_params(args.checkpoint)
@@ -57,12 +59,7 @@ def main(argv=None) -> int:
                    help="split weights into shards of at most this size (e.g. 5GB)")
     p.set_defaults(fn=jaxllm_to_hf)
     args = parser.parse_args(argv)
-    try:
-        args.fn(args)
-    except (ValueError, OSError, KeyError) as e:  # expected user errors: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: args.fn(args))
 
 
 if __name__ == "__main__":

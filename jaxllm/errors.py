@@ -11,3 +11,16 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A config problem, described in one line that names the key."""
+
+
+def run_cli(body) -> int:
+    """Runs a command-line tool's `body()`: a UserError or a missing file is printed as one line
+    on stderr with exit status 2; any other exception is a bug and keeps its traceback."""
+    import sys
+
+    try:
+        return body() or 0
+    except (UserError, FileNotFoundError) as e:
+        text = str(e).strip()
+        print(f"error: {text.splitlines()[0] if text else type(e).__name__}", file=sys.stderr)
+        return 2

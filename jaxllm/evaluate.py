@@ -23,6 +23,8 @@ import sys
 import jax
 import numpy as np
 
+from jaxllm.errors import run_cli
+
 # Turn-end markers of the built-in templates: a reply is cut at the first one, as at the EOS.
 END_MARKERS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>")
 
@@ -36,7 +38,7 @@ def _encoder(cfg, tokenizer):
 
 def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_size: int = 64):
     """prompt message lists -> greedy reply strings (the `answer_accuracy` contract)."""
-    from jaxllm.generate import generate, stop_token_ids
+    from jaxllm.generate import completions, stop_token_ids
 
     encoder = _encoder(cfg, tokenizer)
 
@@ -45,8 +47,9 @@ def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_
         ids = [encoder.truncate_prompt(encoder.encode(p, "x")[0]).tolist() for p in prompts]
         replies = []
         for start in range(0, len(ids), batch_size):
-            outs = generate(cfg.model, params, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
-                            temperature=0.0, stop_tokens=stop_token_ids(tokenizer), pad_id=max(tokenizer.pad_id, 0))
+            outs = completions(cfg.model, params, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
+                               temperature=0.0, stop_tokens=stop_token_ids(tokenizer),
+                               pad_id=max(tokenizer.pad_id, 0))
             for new in outs:
                 text = tokenizer.decode(new)
                 for marker in END_MARKERS:
@@ -97,7 +100,7 @@ def preference_accuracy(cfg, params, tokenizer, pairs_file: str) -> dict:
 
 def evaluate_run(run_dir: str, answers: str | None = None, pairs: str | None = None, *,
                  step: int | None = None, limit: int = 0, max_new_tokens: int = 24) -> dict:
-    from jaxllm.checkpoint import load_run
+    from jaxllm.run import load_run
     from jaxllm.data import synthetic
     from jaxllm.data.tokenizer import run_tokenizer
 
@@ -129,18 +132,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (args.answers or args.pairs):
         parser.error("give --answers, --pairs or both")
-    try:
-        result = evaluate_run(args.checkpoint, args.answers, args.pairs, step=args.step, limit=args.limit,
-                              max_new_tokens=args.max_new_tokens)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _report(evaluate_run(args.checkpoint, args.answers, args.pairs, step=args.step,
+                                                limit=args.limit, max_new_tokens=args.max_new_tokens), args.out))
+
+
+def _report(result: dict, out: str | None) -> None:
     line = json.dumps(result)
     print(line)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(line + "\n")
-    return 0
 
 
 if __name__ == "__main__":

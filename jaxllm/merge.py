@@ -24,14 +24,20 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 
+from jaxllm.errors import UserError, run_cli
+
 METHODS = ("sma", "ema", "wma")
+
+
+class MergeError(UserError, ValueError):
+    """A bad merge request (flags, run, checkpoints that do not match), said in one line."""
 
 
 def merge_weights(method: str, n: int, alpha: float | None = None) -> list[float]:
     """The weight of each of `n` checkpoints (oldest first) in the merged params; sums to 1."""
     _check_method(method, alpha)
     if n < 1:
-        raise ValueError(f"need at least one checkpoint to merge, got {n}")
+        raise MergeError(f"need at least one checkpoint to merge, got {n}")
     if method == "sma":
         return [1.0 / n] * n
     if method == "wma":
@@ -41,12 +47,12 @@ def merge_weights(method: str, n: int, alpha: float | None = None) -> list[float
 
 def _check_method(method, alpha):
     if method not in METHODS:
-        raise ValueError(f"unknown merge method {method!r}; valid: {list(METHODS)}")
+        raise MergeError(f"unknown merge method {method!r}; valid: {list(METHODS)}")
     if method == "ema":
         if alpha is None or not 0.0 < alpha <= 1.0:
-            raise ValueError(f"ema needs alpha in (0, 1], got {alpha}")
+            raise MergeError(f"ema needs alpha in (0, 1], got {alpha}")
     elif alpha is not None:
-        raise ValueError(f"alpha applies only to ema, not {method}")
+        raise MergeError(f"alpha applies only to ema, not {method}")
 
 
 # Jitted once per sharding (and per shape/dtype) and reused for every checkpoint; the weights are
@@ -105,10 +111,10 @@ class Merger:
             extra = [p for p in paths if p not in first]
             where = (f"leaf {missing[0]} missing" if missing else f"unexpected leaf {extra[0]}" if extra
                      else f"containers differ (first leaf {self._paths[0] if self._paths else '<none>'})")
-            raise ValueError(f"checkpoint {self.count + 1} does not match the first one's tree structure: {where}")
+            raise MergeError(f"checkpoint {self.count + 1} does not match the first one's tree structure: {where}")
         for path, x, (shape, _, _) in zip(paths, leaves, self._like):
             if x.shape != shape:
-                raise ValueError(f"checkpoint {self.count + 1}: leaf {path} has shape {x.shape}, "
+                raise MergeError(f"checkpoint {self.count + 1}: leaf {path} has shape {x.shape}, "
                                  f"the first checkpoint has {shape}")
 
     def weights(self) -> list[float]:
@@ -117,7 +123,7 @@ class Merger:
     def result(self):
         """The merged params (each leaf in its first checkpoint's dtype). Ends the merger."""
         if self._acc is None:
-            raise ValueError("no checkpoints were added")
+            raise MergeError("no checkpoints were added")
         n = self.count
         scale = {"sma": 1.0 / n, "wma": 1.0 / (n * (n + 1) / 2), "ema": 1.0}[self.method]
         out = [_ops(sharding)[2](acc, jnp.float32(scale), dtype)
@@ -141,14 +147,14 @@ def merge_params(params_list: Iterable, method: str, alpha: float | None = None)
 def select_steps(steps: Iterable[int], last: int, interval: int | None = None) -> list[int]:
     """The last `last` of `steps` (only multiples of `interval` when given), oldest first."""
     if last < 1:
-        raise ValueError(f"--last must be >= 1, got {last}")
+        raise MergeError(f"--last must be >= 1, got {last}")
     if interval is not None and interval < 1:
-        raise ValueError(f"--interval must be >= 1, got {interval}")
+        raise MergeError(f"--interval must be >= 1, got {interval}")
     available = sorted(steps)
     matching = [s for s in available if interval is None or s % interval == 0]
     if len(matching) < last:
         which = f" that are multiples of {interval}" if interval else ""
-        raise ValueError(f"asked for the last {last} checkpoints{which} but only {len(matching)} match; "
+        raise MergeError(f"asked for the last {last} checkpoints{which} but only {len(matching)} match; "
                          f"available steps: {available}")
     return matching[-last:]
 
@@ -156,15 +162,15 @@ def select_steps(steps: Iterable[int], last: int, interval: int | None = None) -
 def _restore_target(model_cfg):
     """Abstract params spread FSDP-style over all local devices (so a model larger than one device
     can be merged), or on one device where the shapes do not divide."""
-    from jaxllm.checkpoint import _abstract_params
     from jaxllm.models import param_axes
+    from jaxllm.run import abstract_params
     from jaxllm.parallel.mesh import make_mesh, tree_shardings
 
-    abstract = _abstract_params(model_cfg)
+    abstract = abstract_params(model_cfg)
     try:
         mesh = make_mesh(data=1, fsdp=-1, tensor=1, devices=jax.local_devices())
         shardings = tree_shardings(mesh, param_axes(model_cfg), jax.tree.map(lambda a: a.shape, abstract))
-    except ValueError:
+    except ValueError:  # shapes that do not divide over the devices
         return abstract
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
@@ -172,20 +178,19 @@ def _restore_target(model_cfg):
 def merge_run(run_dir: str, method: str, last: int, out_dir: str, interval: int | None = None,
               alpha: float | None = None, log=print) -> tuple[list[int], list[float]]:
     """Merges the last checkpoints of a run and writes them where `load_run(out_dir)` finds them."""
-    from jaxllm.checkpoint import Checkpointer, save_params
-    from jaxllm.config import load_config
+    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.run import read_config, save_params
+    from jaxllm.tasks import make_task
 
     _check_method(method, alpha)
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: not a jaxllm run directory")
+    cfg = read_config(run_dir)
     if os.path.abspath(out_dir) == os.path.abspath(run_dir):
-        raise ValueError("--out must differ from the run directory (it would add a step 0 to the run)")
-    cfg = load_config(cfg_path)
-    if cfg.lora.enabled or cfg.task == "reward":
-        raise ValueError(f"{run_dir}: PMA merges full decoder checkpoints; this run's checkpoints hold "
-                         f"{'LoRA adapters' if cfg.lora.enabled else 'a reward head'} (merge the adapters "
-                         "into the base first, e.g. through load_run and save_params)")
+        raise MergeError("--out must differ from the run directory (it would add a step 0 to the run)")
+    extras = make_task(cfg).objective.extra_param_axes(cfg.model)
+    if cfg.lora.enabled or extras:
+        held = "LoRA adapters" if cfg.lora.enabled else f"objective params ({', '.join(extras)})"
+        raise MergeError(f"{run_dir}: PMA merges full decoder checkpoints; this run's checkpoints hold {held} "
+                         "(fold them into the model first, e.g. through jaxllm.run.load_run and save_params)")
     ckpt = Checkpointer(run_dir, async_save=False)
     try:
         steps = select_steps(ckpt.all_steps(), last, interval)
@@ -200,10 +205,8 @@ def merge_run(run_dir: str, method: str, last: int, out_dir: str, interval: int 
         merged = merger.result()
     finally:
         ckpt.close()
-    from jaxllm.data.curriculum import model_config_at
-
     # A curriculum's last merged stage sets the model (e.g. its long-context rope_theta).
-    save_params(model_config_at(cfg, steps[-1]), merged, out_dir, cfg=cfg)
+    save_params(make_task(cfg).model_at(steps[-1]), merged, out_dir, cfg=cfg)
     from jaxllm.data.tokenizer import keep_tokenizer, saved_tokenizer
 
     if saved_tokenizer(run_dir):  # the merged model keeps the run's tokenizer beside it
@@ -222,13 +225,8 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=None, help="ema: weight of each newer checkpoint")
     parser.add_argument("--out", required=True, help="output directory, loadable with load_run")
     args = parser.parse_args(argv)
-    try:
-        merge_run(args.checkpoints, args.method, args.last, args.out, interval=args.interval, alpha=args.alpha)
-    except Exception as e:  # one line, no traceback: these are user-facing errors
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: merge_run(args.checkpoints, args.method, args.last, args.out, interval=args.interval,
+                                     alpha=args.alpha) and 0)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ import sys
 import jax
 import numpy as np
 
-from jaxllm.objectives.reward import reward_scores
+from jaxllm.errors import UserError, run_cli
+from jaxllm.objectives.reward import RewardObjective, reward_scores
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError, ValueError):
     """A user-facing problem (bad run, bad record), reported in one line."""
 
 
@@ -116,12 +117,13 @@ def score_rows(model_cfg, params, rows: list[dict], batch_size: int = 8) -> list
 def reward_run_config(run_dir: str):
     """The run's Config, or ScoreError when it is not a reward model."""
     from jaxllm.config import load_config
+    from jaxllm.tasks import make_task
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ScoreError(f"--checkpoint {run_dir}: no config.yaml, not a jaxllm run directory")
     cfg = load_config(path)
-    if cfg.task != "reward":
+    if not isinstance(make_task(cfg).objective, RewardObjective):
         raise ScoreError(f"--checkpoint {run_dir}: a task {cfg.task!r} run, not a reward model (task: reward)")
     return cfg
 
@@ -136,28 +138,24 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args(argv)
 
-    try:
-        if args.batch_size <= 0:
-            raise ScoreError("--batch-size must be > 0")
-        cfg = reward_run_config(args.checkpoint)
-        records = read_records(args.input)
-        from jaxllm.checkpoint import load_run
-        from jaxllm.data.tokenizer import load_tokenizer
+    return run_cli(lambda: _score(args))
 
-        tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
-        encode = RowEncoder(cfg, tokenizer)
-        rows = [encode(r, where) for where, r in records]
-        cfg, params = load_run(args.checkpoint, args.step)
-        if "reward_head" not in params:
-            raise ScoreError(f"--checkpoint {args.checkpoint}: the checkpoint has no reward_head")
-        scores = score_rows(cfg.model, params, rows, args.batch_size)
-    except ScoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # one line, no traceback: these are user-facing errors
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
+
+def _score(args) -> None:
+    if args.batch_size <= 0:
+        raise ScoreError("--batch-size must be > 0")
+    cfg = reward_run_config(args.checkpoint)
+    records = read_records(args.input)
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.run import load_run
+
+    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size)
+    encode = RowEncoder(cfg, tokenizer)
+    rows = [encode(r, where) for where, r in records]
+    cfg, params = load_run(args.checkpoint, args.step)
+    if "reward_head" not in params:
+        raise ScoreError(f"--checkpoint {args.checkpoint}: the checkpoint has no reward_head")
+    scores = score_rows(cfg.model, params, rows, args.batch_size)
     if encode.truncated:
         print(f"note: {encode.truncated} of {len(rows)} records were cut to data.seq_len + 1 "
               f"({cfg.data.seq_len + 1}) tokens, as in training", file=sys.stderr)
@@ -170,7 +168,6 @@ def main(argv=None) -> int:
         for line in lines:
             print(line)
         sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":

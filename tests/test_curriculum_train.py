@@ -5,7 +5,7 @@ import json
 import os
 import shutil
 
-from jaxllm.checkpoint import load_run
+from jaxllm.run import load_run
 from jaxllm.config import load_config
 from jaxllm.train import train
 

@@ -229,7 +229,7 @@ def test_convert_cli_round_trips_a_trained_run(trained_run, tmp_path):
     import sys
 
     from conftest import ROOT
-    from jaxllm.checkpoint import load_run
+    from jaxllm.run import load_run
 
     base, env, run_dir = trained_run
     hf_dir, back = tmp_path / "hf", tmp_path / "back"

@@ -8,11 +8,10 @@ import pytest
 
 from jaxllm.config import OptimizerConfig
 from jaxllm.models import ModelConfig, forward, param_shapes
-from jaxllm.models.lora import (
-    LoraConfig, adapter_param_count, apply_adapters, init_adapters, lora_loss_fn, make_lora_optimizer,
-    merge_adapters,
-)
+from jaxllm.models.lora import LoraConfig, adapter_param_count, apply_adapters, init_adapters, merge_adapters
 from jaxllm.objectives.lm import lm_loss
+from jaxllm.optim import make_optimizer
+from jaxllm.tasks import params as params_lib
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32")
 ALL = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head")
@@ -120,15 +119,20 @@ def test_gradients_reach_only_adapters_and_training_lowers_loss(dora):
     adapters = init_adapters(lc, params, jax.random.PRNGKey(0))
     batch = _batch()
 
+    # The train step's LoRA path: trainable {"adapters"}, frozen {"base"}, effective params.
+    def loss_fn(adapters, base_params, rng):
+        params = params_lib.effective_params(lc, {"adapters": adapters}, {"base": base_params}, rng,
+                                             deterministic=False)
+        return _mean_lm_loss(params, batch)
+
     @jax.jit
     def step(adapters, opt_state, base_params, rng):
-        loss_fn = lora_loss_fn(_mean_lm_loss, lc, base_params)
-        loss, grads = jax.value_and_grad(loss_fn)(adapters, batch, rng)
-        updates, opt_state = opt.update(grads, opt_state, adapters)
-        return optax.apply_updates(adapters, updates), opt_state, loss, grads
+        loss, grads = jax.value_and_grad(loss_fn)(adapters, base_params, rng)
+        updates, opt_state = opt.update({"adapters": grads}, opt_state, {"adapters": adapters})
+        return optax.apply_updates(adapters, updates["adapters"]), opt_state, loss, grads
 
-    opt = make_lora_optimizer(OptimizerConfig(lr=1e-2), optax.constant_schedule(1e-2))
-    opt_state = opt.init(adapters)
+    opt = make_optimizer(OptimizerConfig(lr=1e-2), optax.constant_schedule(1e-2), decay_mask=params_lib.decay_mask(lc))
+    opt_state = opt.init({"adapters": adapters})
     losses = []
     for i in range(6):
         new, opt_state, loss, grads = step(adapters, opt_state, params, jax.random.PRNGKey(i))

@@ -6,12 +6,12 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxllm import params as params_lib
-from jaxllm.checkpoint import Checkpointer, load_run
+from jaxllm.checkpoint import Checkpointer
 from jaxllm.config import dump_yaml
 from jaxllm.models import forward
 from jaxllm.models.lora import LoraConfig, merge_adapters
 from jaxllm.parallel.mesh import make_mesh
+from jaxllm.run import load_run
 from jaxllm.train import Trainer
 from tests.test_train import _batches, _cfg
 
@@ -78,4 +78,4 @@ def test_checkpoint_holds_adapters_and_load_run_merges(tmp_path):
     tokens = _batches(1)[0]["tokens"][:2]
     np.testing.assert_allclose(forward(loaded_cfg.model, params, tokens), forward(cfg.model, merged, tokens),
                                rtol=1e-5, atol=1e-5)
-    assert params_lib.uses_lora(loaded_cfg)
+    assert loaded_cfg.lora.enabled

@@ -121,7 +121,8 @@ def run_merge(env, *args):
 
 
 def test_cli_sma_of_last_two_equals_numpy_average(trained_run, tmp_path):
-    from jaxllm.checkpoint import Checkpointer, _abstract_params, load_run
+    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.run import abstract_params, load_run
     from jaxllm.config import load_config
 
     base, env, run_dir = trained_run
@@ -133,7 +134,7 @@ def test_cli_sma_of_last_two_equals_numpy_average(trained_run, tmp_path):
     cfg = load_config(os.path.join(run_dir, "config.yaml"))
     ckpt = Checkpointer(str(run_dir), async_save=False)
     assert ckpt.all_steps() == [20, 24]
-    p20, p24 = (ckpt.restore_params(s, _abstract_params(cfg.model)) for s in (20, 24))
+    p20, p24 = (ckpt.restore_params(s, abstract_params(cfg.model)) for s in (20, 24))
     ckpt.close()
     merged_cfg, merged = load_run(str(out))
     assert merged_cfg.model == cfg.model

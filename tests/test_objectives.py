@@ -13,9 +13,15 @@ import pytest
 from jaxllm.config import Config, PreferenceConfig, SFTConfig, TrainerConfig
 from jaxllm.models import ModelConfig, forward, hidden_states, param_shapes
 from jaxllm.objectives import (DPOObjective, KTOObjective, LMObjective, RewardObjective, SFTObjective,
-                               make_objective, reward_scores, sequence_logps)
+                               reward_scores, sequence_logps)
 from jaxllm.objectives.preference import LOSSES, preference_loss
 from jaxllm.objectives.sft import chunked_sft_stats
+from jaxllm.tasks import make_task
+
+
+def _objective(cfg):
+    return make_task(cfg).objective
+
 
 MODEL = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32")
 CHUNK = 5  # does not divide the row lengths: the padded last chunk is exercised
@@ -357,7 +363,7 @@ def test_kto_equals_numpy(params, ref_params):
     params, ref_params = ref_params, params
     batch = kto_batch()
     beta, dw, uw = 0.2, 1.5, 0.8
-    obj = make_objective(config("dpo", chunk=DPO_CHUNK, preference=PreferenceConfig(
+    obj = _objective(config("dpo", chunk=DPO_CHUNK, preference=PreferenceConfig(
         loss_type="kto", beta=beta, desirable_weight=dw, undesirable_weight=uw)))
     assert isinstance(obj, KTOObjective) and obj.needs_reference
     with pytest.raises(ValueError, match="needs reference log-probs"):
@@ -450,14 +456,14 @@ def test_reward_head_init_axes_and_untrained_loss(params):
     assert finalize(REWARD, loss_sum, aux)["loss"] == pytest.approx(math.log(2.0))
 
 
-def test_make_objective_dispatch():
-    assert isinstance(make_objective(config("pretrain")), LMObjective)
-    assert isinstance(make_objective(config("sft")), SFTObjective)
-    assert isinstance(make_objective(config("dpo")), DPOObjective)
-    assert isinstance(make_objective(config("reward")), RewardObjective)
-    assert make_objective(config("dpo", preference=PreferenceConfig(loss_type="simpo"))).needs_reference is False
+def test_tasks_pick_objectives():
+    assert isinstance(_objective(config("pretrain")), LMObjective)
+    assert isinstance(_objective(config("sft")), SFTObjective)
+    assert isinstance(_objective(config("dpo")), DPOObjective)
+    assert isinstance(_objective(config("reward")), RewardObjective)
+    assert _objective(config("dpo", preference=PreferenceConfig(loss_type="simpo"))).needs_reference is False
     for task in ("pretrain", "sft", "dpo"):
-        assert make_objective(config(task)).extra_params(MODEL, jax.random.PRNGKey(0)) == {}
+        assert _objective(config(task)).extra_params(MODEL, jax.random.PRNGKey(0)) == {}
 
 
 # ----------------------------------------------------------------------------- scoring CLI
@@ -469,7 +475,7 @@ SENTENCES = ["You are terse.", "Hi there", "Hello! How can I help you today?", "
 
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
-    from jaxllm.checkpoint import save_params
+    from jaxllm.run import save_params
     from jaxllm.config import DataConfig
     from jaxllm.data.tokenizer import train_sentencepiece
 

@@ -124,7 +124,7 @@ def test_reward_model_learns_and_starts_at_log2(data, tmp_path):
 
 def test_evaluate_preference_accuracy_matches_a_direct_forward(data, sft_run, tmp_path):
 
-    from jaxllm.checkpoint import load_run
+    from jaxllm.run import load_run
     from jaxllm.data.preference_data import PromptCompletionEncoder
     from jaxllm.data.tokenizer import run_tokenizer
     from jaxllm.evaluate import evaluate_run

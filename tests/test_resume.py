@@ -81,7 +81,8 @@ def test_half_written_checkpoint_is_never_chosen(setup, tmp_path):
     """A step directory orbax had not finalised (the process died mid-save) is ignored."""
     import shutil
 
-    from jaxllm.checkpoint import Checkpointer, load_run
+    from jaxllm.checkpoint import Checkpointer
+    from jaxllm.run import load_run
 
     base, env, ref = setup
     run_dir = tmp_path / "run"

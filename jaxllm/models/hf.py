@@ -17,7 +17,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from jaxllm.errors import UserError
 from jaxllm.models.llama import ModelConfig, RopeScaling, param_shapes
+
+
+class HFFormatError(UserError, ValueError):
+    """A Hugging Face directory or config jaxllm cannot read (or params it cannot write), in one line."""
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SAFETENSORS = "model.safetensors"
@@ -28,7 +33,7 @@ _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.
 def _np_dtype(dtype) -> np.dtype:
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
+        raise HFFormatError(f"unsupported dtype {dtype!r}; valid: {', '.join(_DTYPES)}")
     return np.dtype(_DTYPES[name])
 
 
@@ -39,12 +44,12 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
     """ModelConfig from a HF config.json dict. `dtype` is the compute dtype ("float32"|"bfloat16")."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise HFFormatError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     act = hf.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise ValueError(f"unsupported hidden_act {act!r}: jaxllm implements SwiGLU (silu) only")
+        raise HFFormatError(f"unsupported hidden_act {act!r}: jaxllm implements SwiGLU (silu) only")
     if hf.get("mlp_bias"):
-        raise ValueError("unsupported: mlp_bias=true (jaxllm MLP projections have no bias)")
+        raise HFFormatError("unsupported: mlp_bias=true (jaxllm MLP projections have no bias)")
     # transformers>=5 writes `rope_parameters` (theta included); older configs write `rope_theta`
     # plus an optional `rope_scaling` dict. Merge so either spelling works.
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
@@ -59,7 +64,7 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
             high_freq_factor=float(rope["high_freq_factor"]),
             original_max_position_embeddings=int(rope.get("original_max_position_embeddings", max_pos)))
     else:
-        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
+        raise HFFormatError(f"unsupported rope scaling type {rope_type!r}; supported: default, llama3")
     # Mistral-style sliding windows are not implemented; within the window full causal attention is
     # identical, so cap the sequence length instead of refusing the checkpoint.
     window = hf.get("sliding_window") if hf.get("use_sliding_window", model_type != "qwen2") else None
@@ -188,7 +193,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     if (path / _INDEX).exists():
         weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
         return {k: path / v for k, v in weight_map.items()}
-    raise ValueError(f"{path}: no {_SAFETENSORS} or {_INDEX} (only safetensors checkpoints are supported)")
+    raise HFFormatError(f"{path}: no {_SAFETENSORS} or {_INDEX} (only safetensors checkpoints are supported)")
 
 
 def load_hf_checkpoint(path, dtype="float32") -> tuple[ModelConfig, dict]:
@@ -197,7 +202,7 @@ def load_hf_checkpoint(path, dtype="float32") -> tuple[ModelConfig, dict]:
     np_dtype = _np_dtype(dtype)
     config_file = path / "config.json"
     if not config_file.exists():
-        raise ValueError(f"{path}: no config.json")
+        raise HFFormatError(f"{path}: no config.json")
     cfg = config_from_hf(json.loads(config_file.read_text()),
                          dtype="float32" if np_dtype == np.float32 else "bfloat16")
     files = _tensor_files(path)
@@ -214,12 +219,12 @@ def load_hf_checkpoint(path, dtype="float32") -> tuple[ModelConfig, dict]:
     unsupported = sorted(k for k in unexpected if k.endswith(("o_proj.bias", "mlp.gate_proj.bias",
                                                               "mlp.up_proj.bias", "mlp.down_proj.bias")))
     if unsupported:
-        raise ValueError(f"{path}: unsupported bias tensors (jaxllm has no o_proj/MLP biases): "
+        raise HFFormatError(f"{path}: unsupported bias tensors (jaxllm has no o_proj/MLP biases): "
                          f"{_name_list(unsupported)}")
     if missing := expected.keys() - found:
-        raise ValueError(f"{path}: missing tensors: {_name_list(missing)}")
+        raise HFFormatError(f"{path}: missing tensors: {_name_list(missing)}")
     if unexpected:
-        raise ValueError(f"{path}: unexpected tensors: {_name_list(unexpected)}")
+        raise HFFormatError(f"{path}: unexpected tensors: {_name_list(unexpected)}")
 
     # Preallocate the stacked [L, ...] arrays and fill layer by layer: peak host memory stays at
     # one copy of the model plus one tensor.
@@ -229,7 +234,7 @@ def load_hf_checkpoint(path, dtype="float32") -> tuple[ModelConfig, dict]:
     for name, ((key, hf_shape, to_jax, _), i) in expected.items():
         w = reader.get(name)
         if tuple(w.shape) != hf_shape:
-            raise ValueError(f"{path}: tensor {name} has shape {tuple(w.shape)}, expected {hf_shape}")
+            raise HFFormatError(f"{path}: tensor {name} has shape {tuple(w.shape)}, expected {hf_shape}")
         w = to_jax(w).astype(np_dtype)
         if i is None:
             params[key] = np.ascontiguousarray(w)
@@ -250,10 +255,10 @@ def _hf_tensors(cfg: ModelConfig, params: dict, np_dtype) -> dict[str, np.ndarra
     def get(key, layered):
         tree, want = (params.get("layers", {}), shapes["layers"][key]) if layered else (params, shapes[key])
         if key not in tree:
-            raise ValueError(f"params lack {'layers/' if layered else ''}{key}")
+            raise HFFormatError(f"params lack {'layers/' if layered else ''}{key}")
         w = np.asarray(tree[key])
         if w.shape != want:
-            raise ValueError(f"param {'layers/' if layered else ''}{key} has shape {w.shape}, expected {want}")
+            raise HFFormatError(f"param {'layers/' if layered else ''}{key} has shape {w.shape}, expected {want}")
         return w
 
     out = {}

@@ -1,8 +1,8 @@
 """LoRA (Hu et al. 2021) and DoRA (Liu et al. 2024) adapters over the Llama params pytree.
 
 Adapters live in their own pytree, separate from the frozen base params, so a trainer can
-differentiate with respect to `adapters` alone (`lora_loss_fn`) and keep optimizer state only for
-them. `apply_adapters` returns an ordinary params pytree holding the effective (merged) weights,
+differentiate with respect to `adapters` alone and keep optimizer state only for them (the
+train state's LoRA roles are in `jaxllm.tasks.params`). `apply_adapters` returns an ordinary params pytree holding the effective (merged) weights,
 so `forward(cfg, apply_adapters(...), tokens)` and every loss work unchanged.
 
 Each target weight is viewed as a matrix [in, out] by flattening its input and output dims,
@@ -19,7 +19,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 
 # name -> (path in the params tree, number of leading stacked axes, number of input dims).
 _TARGETS = {
@@ -182,24 +181,3 @@ def adapter_decay_mask(adapters: dict):
     """Weight decay for `a` and `b` only: decaying DoRA's magnitude `m` would shrink the weights."""
     return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) != "m",
                                             adapters)
-
-
-def make_lora_optimizer(opt_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW over the adapter tree, as `jaxllm.optim.make_optimizer` with the adapters' decay mask."""
-    from jaxllm.optim import make_optimizer
-
-    return make_optimizer(opt_cfg, schedule, decay_mask=adapter_decay_mask)
-
-
-def lora_loss_fn(base_loss_fn, lora_cfg: LoraConfig, base_params: dict):
-    """`loss(adapters, batch, rng)`: `base_loss_fn(params, batch)` on the adapted params.
-
-    The base params are closed over, so `jax.grad` of this function reaches only the adapters.
-    Whatever `base_loss_fn` returns (e.g. `(loss, metrics)` for `has_aux=True`) passes through.
-    Build it inside the jitted train step from a `base_params` argument of that step: closing over
-    concrete arrays from outside `jit` would bake the whole base model into the program as constants.
-    """
-    def loss(adapters, batch, rng=None):
-        params = apply_adapters(lora_cfg, base_params, adapters, rng, deterministic=False)
-        return base_loss_fn(params, batch)
-    return loss

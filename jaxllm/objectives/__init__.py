@@ -11,8 +11,8 @@ summed statistics into metrics.
               dpo.KTOObjective     preference.loss_type kto, per example
     reward    reward.RewardObjective  Bradley-Terry on a scalar head, per pair
 
-Objectives of task dpo also have `reference_fields(params, batch)` (the reference-cache pass)
-and `needs_reference`.
+The DPO-family objectives also have `reference_fields(params, batch)` (the reference-cache
+pass) and `needs_reference`. `jaxllm.tasks` picks the objective of a run.
 """
 
 from jaxllm.objectives.base import LMObjective, Objective
@@ -21,19 +21,5 @@ from jaxllm.objectives.lm import sequence_logps
 from jaxllm.objectives.reward import RewardObjective, reward_scores
 from jaxllm.objectives.sft import SFTObjective
 
-
-def make_objective(cfg) -> Objective:
-    """The objective of `cfg.task` (a full `Config`)."""
-    if cfg.task == "pretrain":
-        return LMObjective(cfg.model, cfg.trainer.loss_chunk_size)
-    if cfg.task == "sft":
-        return SFTObjective(cfg)
-    if cfg.task == "dpo":
-        return KTOObjective(cfg) if cfg.preference.loss_type == "kto" else DPOObjective(cfg)
-    if cfg.task == "reward":
-        return RewardObjective(cfg)
-    raise ValueError(f"task: {cfg.task!r} is not one of pretrain, sft, dpo, reward")
-
-
 __all__ = ["Objective", "LMObjective", "SFTObjective", "DPOObjective", "KTOObjective", "RewardObjective",
-           "make_objective", "reward_scores", "sequence_logps"]
+           "reward_scores", "sequence_logps"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxllm.objectives.base import NoExtraParams, safe_div
 from jaxllm.objectives.lm import sequence_logps
-from jaxllm.objectives.preference import LOSSES, _check, kto_kl_estimate, kto_loss, preference_loss
+from jaxllm.objectives.preference import LOSSES, check_hparams, kto_kl_estimate, kto_loss, preference_loss
 
 ROW_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -69,7 +69,7 @@ class DPOObjective(NoExtraParams):
         names, self.needs_reference, _ = LOSSES[p.loss_type]
         self.loss_type, self.hparams = p.loss_type, {k: getattr(p, k) for k in names}
         try:
-            _check(p.loss_type, self.hparams, True, True)  # value ranges, before any tracing
+            check_hparams(p.loss_type, self.hparams, True, True)  # value ranges, before any tracing
         except ValueError as e:
             raise ValueError(f"preference: {e}") from None
         self.model_cfg, self.chunk_size = cfg.model, cfg.trainer.loss_chunk_size

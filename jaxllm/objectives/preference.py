@@ -63,14 +63,16 @@ def _smoothed_sigmoid_loss(z, ls):
     return -(1.0 - ls) * jax.nn.log_sigmoid(z) - ls * jax.nn.log_sigmoid(-z)
 
 
-def _log1mexp(x):
+def log1mexp(x):
     """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012)."""
     # An average logp of exactly 0 would give -inf and NaN gradients; the clamp costs nothing real.
     x = jnp.minimum(x, -jnp.finfo(x.dtype).eps)
     return jnp.where(x > -jnp.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
-def _check(loss_type, hparams, has_ref, has_len):
+def check_hparams(loss_type, hparams, has_ref, has_len):
+    """The loss's hyperparameters with defaults filled in; ValueError for unknown or
+    out-of-range ones, or missing reference log-probs / lengths the loss needs."""
     if loss_type not in LOSSES:
         raise ValueError(f"unknown preference loss_type {loss_type!r}; valid: {sorted(LOSSES)}")
     names, needs_ref, needs_len = LOSSES[loss_type]
@@ -96,7 +98,7 @@ def preference_loss(loss_type: str, policy_chosen_logps, policy_rejected_logps, 
     """(per-example losses [batch], metrics) for one of `LOSSES`; see the module docstring."""
     has_ref = ref_chosen_logps is not None and ref_rejected_logps is not None
     has_len = chosen_lengths is not None and rejected_lengths is not None
-    hp = _check(loss_type, hparams, has_ref, has_len)
+    hp = check_hparams(loss_type, hparams, has_ref, has_len)
     pc, pr = _f32(policy_chosen_logps), _f32(policy_rejected_logps)
     rc, rr = (_f32(ref_chosen_logps), _f32(ref_rejected_logps)) if has_ref else (None, None)
     if has_len:
@@ -134,7 +136,7 @@ def preference_loss(loss_type: str, policy_chosen_logps, policy_rejected_logps, 
             reward_c, reward_r = beta * pc, beta * pr
         elif loss_type == "orpo":
             # log odds(p) = log p - log(1 - p), on the mean token probability (TRL's ORPO).
-            log_odds = (pc_avg - pr_avg) - (_log1mexp(pc_avg) - _log1mexp(pr_avg))
+            log_odds = (pc_avg - pr_avg) - (log1mexp(pc_avg) - log1mexp(pr_avg))
             losses = nll - beta * jax.nn.log_sigmoid(log_odds)
             reward_c, reward_r = beta * pc_avg, beta * pr_avg
             extra["log_odds"] = log_odds

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jaxllm.models import hidden_states, output_embedding
 from jaxllm.objectives.base import NoExtraParams, safe_div
 from jaxllm.objectives.lm import chunked_logits_sum, target_logps
-from jaxllm.objectives.preference import _log1mexp
+from jaxllm.objectives.preference import log1mexp
 
 
 def chunked_sft_stats(hidden_BTD, w_DV, targets_BT, loss_mask_BT, ul_mask_BT, chunk_size: int):
@@ -35,7 +35,7 @@ def chunked_sft_stats(hidden_BTD, w_DV, targets_BT, loss_mask_BT, ul_mask_BT, ch
     def stats(logits, y, m, *ul):
         logp = target_logps(logits, y)
         correct = (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
-        ul_sum = -jnp.sum(_log1mexp(logp) * ul[0]) if ul else jnp.zeros((), jnp.float32)
+        ul_sum = -jnp.sum(log1mexp(logp) * ul[0]) if ul else jnp.zeros((), jnp.float32)
         return -jnp.sum(logp * m), jnp.sum(correct * m), ul_sum
 
     arrays = [targets_BT, loss_mask_BT.astype(jnp.float32)]

@@ -12,29 +12,22 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable
 
 import jax
 import numpy as np
 
-from jaxllm.objectives.preference import LOSSES
+from jaxllm.data import posttrain
 
 SPLITS = ("train", "eval")
 
 
-def needs_cache(cfg) -> bool:
-    if cfg.task != "dpo" or cfg.preference.reference != "cached":
-        return False
-    return cfg.preference.loss_type == "kto" or LOSSES[cfg.preference.loss_type][1]
-
-
-def fingerprint(cfg, split: str, size: int) -> dict:
+def fingerprint(cfg, split: str, size: int, data_format: str) -> dict:
     """What the cached numbers depend on; a mismatch means recompute."""
     p, d = cfg.preference, cfg.data
     return {"split": split, "size": size, "files": list(d.train if split == "train" else d.eval),
             "tokenizer": d.tokenizer, "seq_len": d.seq_len, "template": cfg.sft.template,
             "fields": [p.prompt_field, p.chosen_field, p.rejected_field], "max_prompt_len": p.max_prompt_len,
-            "kto": p.loss_type == "kto", "init_from": cfg.model.init_from, "seed": cfg.trainer.seed,
+            "kto": data_format == "kto", "init_from": cfg.model.init_from, "seed": cfg.trainer.seed,
             "model": repr(cfg.model)}
 
 
@@ -54,7 +47,7 @@ def _write_atomic(path: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
 
 
 def _host(x) -> np.ndarray:
-    """A global [B] array as a full host array on every process."""
+    """A global array as a full host array on every process."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -62,16 +55,15 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def compute(cfg, trainer, tokenizer, params, split: str) -> dict[str, np.ndarray]:
+def compute(cfg, objective, data_format: str, ctx, split: str) -> dict[str, np.ndarray]:
     """Reference fields of every example of `split`, as arrays indexed by example."""
-    from jaxllm.data import tasks
-
-    n = tasks.split_size(cfg, tokenizer, split)
-    score = jax.jit(trainer.objective.reference_fields)
+    n = posttrain.split_size(cfg, data_format, split)
+    score = jax.jit(objective.reference_fields)
+    params = ctx.initial_params()
     out: dict[str, np.ndarray] = {}
-    passes = tasks.iterate_split_once(cfg, tokenizer, split)
+    passes = posttrain.split_pass(cfg, ctx.tokenizer, data_format, split)
     for local in passes:
-        batch = trainer.to_global(local)
+        batch = ctx.to_global(local)
         fields = score(params, batch)
         index = _host(batch["index"])
         real = index >= 0
@@ -80,7 +72,7 @@ def compute(cfg, trainer, tokenizer, params, split: str) -> dict[str, np.ndarray
             arr[index[real]] = _host(value)[real]
     # Examples the data pipeline skips (too long, malformed) are never trained on and stay
     # unscored; any other gap is a bug.
-    skipped = int(_host_sum(sum(passes.skipped.values())))
+    skipped = _host_sum(sum(passes.skipped.values()))
     missing = int(np.isnan(next(iter(out.values()))).sum()) if out else n
     if not out or missing != skipped:
         raise RuntimeError(f"reference pass over {split}: {missing} of {n} examples unscored but "
@@ -96,21 +88,18 @@ def _host_sum(x: int) -> int:
     return x
 
 
-def load_or_compute(cfg, trainer, tokenizer, get_params: Callable[[], dict], run_dir: str,
-                    log=print) -> dict[str, dict[str, np.ndarray]]:
+def load_or_compute(cfg, objective, data_format: str, ctx) -> dict[str, dict[str, np.ndarray]]:
     """{"train": fields, "eval": fields}, read from the run's cache or computed and cached."""
-    from jaxllm.data import tasks
-
-    folder = os.path.join(run_dir, "reference_logps")
+    folder = os.path.join(ctx.run_dir, "reference_logps")
     os.makedirs(folder, exist_ok=True)
     result = {}
     for split in SPLITS:
         path = os.path.join(folder, f"{split}.npz")
-        meta = fingerprint(cfg, split, tasks.split_size(cfg, tokenizer, split))
+        meta = fingerprint(cfg, split, posttrain.split_size(cfg, data_format, split), data_format)
         cached = _read(path, meta)
         if cached is None:
-            log(f"reference log-probs: scoring the {split} split ({meta['size']} examples) once")
-            cached = compute(cfg, trainer, tokenizer, get_params(), split)
+            ctx.log(f"reference log-probs: scoring the {split} split ({meta['size']} examples) once")
+            cached = compute(cfg, objective, data_format, ctx, split)
             if jax.process_index() == 0:
                 _write_atomic(path, cached, meta)
         result[split] = cached

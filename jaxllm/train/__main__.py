@@ -1,0 +1,5 @@
+import sys
+
+from jaxllm.train.cli import main
+
+sys.exit(main())
