@@ -360,3 +360,96 @@ def test_training_run_with_pallas_matches_xla_on_gpu(tmp_path):
             losses[impl] = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert len(losses["xla"]) == 30 and losses["xla"][-1] < losses["xla"][0] - 1.0
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_registry_messages_for_config_and_machine():
+    from jaxllm.errors import ConfigError
+    from jaxllm.kernels.attention import check_available
+    from jaxllm.models import ModelConfig
+
+    with pytest.raises(ValueError, match="model.attention: 'flash' is not one of xla, cudnn, pallas"):
+        ModelConfig(attention="flash")
+    for impl, platform, message in [
+        ("cudnn", "cpu", "model.attention=cudnn needs an NVIDIA GPU, this machine has cpu devices; valid here: xla"),
+        ("cudnn", "tpu", "model.attention=cudnn needs an NVIDIA GPU, this machine has tpu devices; valid here: "
+                         "xla, pallas"),
+        ("pallas", "cpu", "model.attention=pallas needs a GPU or TPU, this machine has cpu devices; valid here: xla"),
+        ("flash", "gpu", "model.attention: 'flash' is not one of xla, cudnn, pallas"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            check_available(impl, platform)
+        assert str(e.value) == message
+    for impl, platform in [("xla", "cpu"), ("xla", "tpu"), ("cudnn", "gpu"), ("pallas", "gpu"), ("pallas", "tpu")]:
+        check_available(impl, platform)
+
+
+def test_one_registry_entry_serves_config_check_training_and_decoding(monkeypatch):
+    """A new entry is accepted by ModelConfig and check_available, and the model's training
+    forward, prefill and decode steps dispatch to its functions on the target platform."""
+    import types
+
+    from jaxllm.errors import ConfigError
+    from jaxllm.models import ModelConfig, decode, forward, init_params
+
+    attn = importlib.import_module("jaxllm.kernels.attention")  # the module, not the function
+
+    calls = []
+
+    def fn(q, k, v, *, platform, **kw):
+        calls.append(("fn", platform, q.shape[1]))
+        return attn.REGISTRY["xla"].fn(q, k, v, platform=platform, **kw)
+
+    def dec(q, k, v, **kw):
+        calls.append(("decode", q.shape[1]))
+        return attn.masked_xla(q, k, v, **kw)
+
+    with pytest.raises(ValueError, match="'fake' is not one of"):
+        ModelConfig(attention="fake")
+    monkeypatch.setitem(attn.REGISTRY, "fake", attn.Implementation(("cpu", "tpu"), "a CPU or TPU", fn, dec))
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32")
+    cfg, ref_cfg = ModelConfig(**base, attention="fake"), ModelConfig(**base)
+    attn.check_available("fake", "tpu")
+    with pytest.raises(ConfigError, match="needs a CPU or TPU, this machine has gpu devices; valid here: xla, cudnn, "
+                                          "pallas$"):
+        attn.check_available("fake", "gpu")
+
+    params = init_params(cfg, jax.random.PRNGKey(0))
+    tokens = jnp.asarray([[3, 1, 4, 1, 5, 9]])
+    np.testing.assert_array_equal(forward(cfg, params, tokens), forward(ref_cfg, params, tokens))
+    assert calls and set(calls) == {("fn", "cpu", 6)}
+    calls.clear()
+    toks, lens = decode.pad_prompts([[3, 1, 4], [1]])
+    got = decode.generate(cfg, params, toks, lens, max_new_tokens=3, temperature=0.0)
+    want = decode.generate(ref_cfg, params, toks, lens, max_new_tokens=3, temperature=0.0)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    assert ("fn", "cpu", 16) in calls and ("decode", 1) in calls  # prefill, then steps
+
+    # The platform is the target devices' (the active mesh's), not the host's backend.
+    fake_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="tpu")]), size=1)
+    monkeypatch.setattr(attn, "active_mesh", lambda: fake_mesh)
+    calls.clear()
+    q, k, v, _ = _inputs(1, 8, 8, 2, 1, 16, jnp.float32)
+    attn.attention(q, k, v, impl="fake")
+    assert calls == [("fn", "tpu", 8)]
+    with pytest.raises(RuntimeError, match="needs an NVIDIA GPU, but the target devices are 'tpu'"):
+        attn.attention(q, k, v, impl="cudnn")
+
+
+def test_decoding_with_pallas_prefills_with_the_kernel(monkeypatch):
+    """model.attention=pallas: the prompt runs through the Pallas kernel (interpreted here) and
+    the steps through the entry's named decode function; tokens and log-probs match xla."""
+    import functools
+
+    from jaxllm.models import ModelConfig, decode, init_params
+
+    monkeypatch.setattr(decode, "attention", functools.partial(attention, interpret=True))
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, dtype="float32")
+    params = init_params(ModelConfig(**base), jax.random.PRNGKey(1))
+    toks, lens = decode.pad_prompts([[3, 1, 4, 1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9]])
+    got, want = (decode.generate(ModelConfig(**base, attention=impl), params, toks, lens, max_new_tokens=5,
+                                 temperature=1.0, rng=2) for impl in ("pallas", "xla"))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logps, want.logps, atol=1e-5)

@@ -3,8 +3,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxllm.generate import _completion_text, generate, sample_logits, top_k_filter, top_p_filter
-from jaxllm.models.llama import ModelConfig, forward, forward_cached, init_kv_cache, param_shapes
+from jaxllm.generate import completion_text, completions
+from jaxllm.models import decode
+from jaxllm.models.decode import sample_logits, top_k_filter, top_p_filter
+from jaxllm.models.llama import ModelConfig, forward, param_shapes
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
                   dtype="float32")
@@ -47,7 +49,7 @@ def reference_greedy(params, prompt, n):
 
 def test_greedy_cached_matches_full_recompute(params):
     n = 10
-    got = generate(CFG, params, PROMPTS, max_new_tokens=n, temperature=0.0)
+    got = completions(CFG, params, PROMPTS, max_new_tokens=n, temperature=0.0)
     want = [reference_greedy(params, p, n) for p in PROMPTS]
     assert got == want
     assert len({tuple(w) for w in want}) > 1  # the model is not degenerate
@@ -56,20 +58,133 @@ def test_greedy_cached_matches_full_recompute(params):
 def test_prefill_logits_match_forward(params):
     P = max(map(len, PROMPTS)) + 2  # extra pad columns on every row
     toks = np.zeros((len(PROMPTS), P), np.int32)
-    pos = np.zeros((len(PROMPTS), P), np.int32)
-    valid = np.zeros((len(PROMPTS), P + 4), bool)
     for b, p in enumerate(PROMPTS):
         toks[b, P - len(p):] = p
-        pos[b, P - len(p):] = np.arange(len(p))
-        valid[b, P - len(p):] = True
-    prefill = jax.jit(lambda t, p, v: forward_cached(CFG, params, t, p,
-                                                     init_kv_cache(CFG, len(PROMPTS), P + 4), 0, v))
-    logits, cache = prefill(jnp.asarray(toks), jnp.asarray(pos), jnp.asarray(valid))
-    # Pad-slot queries see no valid key; they must stay finite or NaN values would leak via 0*NaN.
-    assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(cache["v"])).all()
+    lengths = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
+    prefill = jax.jit(lambda t, n: decode.prefill(CFG, params, t, n, P + 4, all_positions=True))
+    logits, cache = prefill(jnp.asarray(toks), lengths)
+    # Pad-slot queries must stay finite or NaN values would leak via 0*NaN.
+    assert np.isfinite(np.asarray(logits)).all() and np.isfinite(np.asarray(cache.v)).all()
     for b, p in enumerate(PROMPTS):
         ref = full_logits(params, p)
         np.testing.assert_allclose(logits[b, P - len(p):], ref, atol=1e-5, rtol=1e-5)
+    assert int(cache.index) == P and cache.k.shape == (CFG.n_layers, len(PROMPTS), P + 4, 2, 8)
+
+
+# ----------------------------------------------------------------------------- decode.generate arrays
+
+
+def recomputed_logps(params, prompt, new, temperature):
+    """Log-probs of `new` after `prompt` from ONE full forward over prompt + new."""
+    logits = full_logits(params, list(prompt) + list(new))[len(prompt) - 1:-1] / temperature
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    return logp[np.arange(len(new)), new]
+
+
+def test_generate_greedy_tokens_and_logps_match_full_forward(params):
+    n = 10
+    tokens, lengths = decode.pad_prompts(PROMPTS)
+    gen = decode.generate(CFG, params, tokens, lengths, max_new_tokens=n, temperature=0.0)
+    assert gen.tokens.shape == gen.logps.shape == (3, n) and gen.tokens.dtype == jnp.int32
+    np.testing.assert_array_equal(gen.lengths, [n] * 3)
+    for b, p in enumerate(PROMPTS):
+        new = np.asarray(gen.tokens[b]).tolist()
+        assert new == reference_greedy(params, p, n)
+        np.testing.assert_allclose(gen.logps[b], recomputed_logps(params, p, new, 1.0), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.3, 5, 0.8)])
+def test_sampled_logps_are_the_unfiltered_tempered_log_softmax(params, temperature, top_k, top_p):
+    """RL compares these with log-probs recomputed by a forward pass: log_softmax(logits / T)
+    at the sampled token, before top-k / top-p filtering."""
+    n = 12
+    tokens, lengths = decode.pad_prompts(PROMPTS)
+    gen = decode.generate(CFG, params, tokens, lengths, max_new_tokens=n, temperature=temperature,
+                          top_k=top_k, top_p=top_p, rng=3)
+    for b, p in enumerate(PROMPTS):
+        new = np.asarray(gen.tokens[b])
+        np.testing.assert_allclose(gen.logps[b], recomputed_logps(params, p, new, temperature),
+                                   atol=2e-5, rtol=1e-5)
+        if top_k:  # every sampled token survived the filter
+            ranks = [(full_logits(params, list(p) + new[:j].tolist())[-1] > full_logits(
+                params, list(p) + new[:j].tolist())[-1][t]).sum() for j, t in enumerate(new)]
+            assert max(ranks) < top_k
+
+
+def test_per_row_stop_pads_after_the_stop_token(params):
+    n = 10
+    tokens, lengths = decode.pad_prompts(PROMPTS, pad_id=0)
+    full = decode.generate(CFG, params, tokens, lengths, max_new_tokens=n, temperature=0.0)
+    full_toks = np.asarray(full.tokens)
+    stops = [int(full_toks[0, 3]), int(full_toks[1, 5])]  # rows 0 and 1 stop early, at the latest
+    gen = decode.generate(CFG, params, tokens, lengths, max_new_tokens=n, temperature=0.0,
+                          stop_ids=stops, pad_id=0)
+    toks, logps, lens = (np.asarray(x) for x in gen)
+    for b in range(3):
+        hits = np.flatnonzero(np.isin(full_toks[b], stops))
+        want = int(hits[0]) + 1 if hits.size else n  # the stop token counts
+        assert lens[b] == want
+        np.testing.assert_array_equal(toks[b, :want], full_toks[b, :want])
+        np.testing.assert_array_equal(toks[b, want:], 0)
+        np.testing.assert_array_equal(logps[b, want:], 0.0)
+        np.testing.assert_allclose(logps[b, :want], np.asarray(full.logps)[b, :want], atol=1e-6)
+    assert lens[0] <= 4 and lens[1] <= 6 and len(set(lens.tolist())) == 3 and lens.max() == n
+
+
+def test_bucket_lengths():
+    assert [decode.bucket_length(n) for n in (1, 16, 17, 100, 128, 129, 200, 1000, 1025)] == [
+        16, 16, 32, 112, 128, 160, 224, 1024, 1280]
+    tokens, lengths = decode.pad_prompts(PROMPTS, pad_id=9)
+    assert tokens.shape == (3, 16) and lengths.tolist() == [7, 1, 3]
+    assert tokens[1].tolist() == [9] * 15 + [8]
+
+
+@pytest.mark.parametrize("rows", [3, 4])  # 3 does not divide over data*fsdp = 4: padded rows
+def test_generate_on_a_2x2x2_mesh_matches_one_device(params, rows):
+    from jaxllm.models import param_axes
+    from jaxllm.parallel.mesh import make_mesh, tree_shardings
+
+    mesh = make_mesh(2, 2, 2, devices=jax.devices()[:8])
+    sharded = jax.device_put(params, tree_shardings(mesh, param_axes(CFG), param_shapes(CFG)))
+    prompts = (PROMPTS + [[1, 2, 3, 4, 5]])[:rows]
+    tokens, lengths = decode.pad_prompts(prompts)
+    for kw in (dict(temperature=0.0), dict(temperature=0.9, top_k=10, top_p=0.9, rng=5)):
+        one = decode.generate(CFG, params, tokens, lengths, max_new_tokens=8, stop_ids=[7], **kw)
+        got = decode.generate(CFG, sharded, tokens, lengths, max_new_tokens=8, stop_ids=[7], mesh=mesh, **kw)
+        np.testing.assert_array_equal(got.tokens, one.tokens)
+        np.testing.assert_array_equal(got.lengths, one.lengths)
+        np.testing.assert_allclose(got.logps, one.logps, atol=1e-5, rtol=1e-5)
+        assert got.tokens.sharding.mesh.shape == mesh.shape
+        assert got.tokens.sharding.is_fully_replicated == (rows % 4 != 0)
+    # The params' own mesh is the default.
+    again = decode.generate(CFG, sharded, tokens, lengths, max_new_tokens=8, temperature=0.0, stop_ids=[7])
+    assert again.tokens.sharding.mesh.shape == mesh.shape
+
+
+def test_sample_text_with_sharded_params(params):
+    """`sample_text` as the train loop calls it at the end of a run: params sharded, a mesh."""
+    from types import SimpleNamespace
+
+    from jaxllm.generate import sample_text
+    from jaxllm.models import param_axes
+    from jaxllm.parallel.mesh import make_mesh, tree_shardings
+
+    class Tok:  # token i is the letter chr(97 + i % 26)
+        bos_id, eos_id, pad_id = 1, 2, 0
+
+        def encode(self, text):
+            return [3 + (ord(c) - 97) % 26 for c in text]
+
+        def decode(self, ids):
+            return "".join(chr(97 + (i - 3) % 26) for i in ids if i > 2)
+
+    cfg = SimpleNamespace(model=CFG, data=SimpleNamespace(add_bos=True))  # what it reads of a Config
+    mesh = make_mesh(2, 2, 2, devices=jax.devices()[:8])
+    sharded = jax.device_put(params, tree_shardings(mesh, param_axes(CFG), param_shapes(CFG)))
+    got = sample_text(cfg, sharded, Tok(), "abc", max_new_tokens=6, temperature=0.8, seed=1, mesh=mesh)
+    assert got == sample_text(cfg, params, Tok(), "abc", max_new_tokens=6, temperature=0.8, seed=1)
+    assert isinstance(got, str) and len(got) <= 6
 
 
 # ----------------------------------------------------------------------------- filters vs NumPy
@@ -132,9 +247,9 @@ def test_top_p_exact_boundaries():
 
 def test_sampling_reproducible(params):
     kw = dict(max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9)
-    a = generate(CFG, params, PROMPTS, rng=jax.random.key(7), **kw)
-    b = generate(CFG, params, PROMPTS, rng=jax.random.key(7), **kw)
-    c = generate(CFG, params, PROMPTS, rng=jax.random.key(8), **kw)
+    a = completions(CFG, params, PROMPTS, rng=jax.random.key(7), **kw)
+    b = completions(CFG, params, PROMPTS, rng=jax.random.key(7), **kw)
+    c = completions(CFG, params, PROMPTS, rng=jax.random.key(8), **kw)
     assert a == b and a != c
     assert all(len(r) == 8 for r in a)
 
@@ -160,23 +275,23 @@ def test_sampling_frequencies():
 
 
 def test_stop_tokens_cut_output(params):
-    full = generate(CFG, params, PROMPTS, max_new_tokens=10, temperature=0.0)
+    full = completions(CFG, params, PROMPTS, max_new_tokens=10, temperature=0.0)
     stop = full[0][3]
-    got = generate(CFG, params, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=(stop, 63))
+    got = completions(CFG, params, PROMPTS, max_new_tokens=10, temperature=0.0, stop_tokens=(stop, 63))
     for f, g in zip(full, got):
         cut = next((j for j, t in enumerate(f) if t in (stop, 63)), len(f))
         assert g == f[:cut]  # the stop token is excluded
     assert len(got[0]) <= 3
     # Every row stopping at once ends the loop early without changing the result.
     first = [f[0] for f in full]
-    assert generate(CFG, params, PROMPTS, max_new_tokens=10, temperature=0.0,
-                    stop_tokens=first) == [[], [], []]
+    assert completions(CFG, params, PROMPTS, max_new_tokens=10, temperature=0.0,
+                       stop_tokens=first) == [[], [], []]
 
 
 def test_edge_cases(params):
-    assert generate(CFG, params, PROMPTS, max_new_tokens=0) == [[], [], []]
+    assert completions(CFG, params, PROMPTS, max_new_tokens=0) == [[], [], []]
     with pytest.raises(ValueError):
-        generate(CFG, params, [[1], []], max_new_tokens=2)
+        completions(CFG, params, [[1], []], max_new_tokens=2)
 
 
 def test_generate_cli_on_a_trained_run_equals_library_call(trained_run):
@@ -198,10 +313,10 @@ def test_generate_cli_on_a_trained_run_equals_library_call(trained_run):
     tok = load_tokenizer(cfg.data, cfg.model.vocab_size)
     prompts = ["def ", "import heapq\n"]
     ids = [[tok.bos_id] + tok.encode(p) for p in prompts]
-    outs = generate(cfg.model, params, ids, max_new_tokens=12, temperature=0.0, stop_tokens=(tok.eos_id,))
+    outs = completions(cfg.model, params, ids, max_new_tokens=12, temperature=0.0, stop_tokens=(tok.eos_id,))
     blocks = proc.stdout.split("-" * 40 + "\n")
     for prompt, block, p_ids, new in zip(prompts, blocks, ids, outs):
-        assert block == prompt + _completion_text(tok, p_ids, new) + "\n"
+        assert block == prompt + completion_text(tok, p_ids, new) + "\n"
     assert any(len(o) > 0 for o in outs)
 
 
@@ -213,5 +328,5 @@ def test_generate_cli_without_checkpoint_is_one_line_error(tmp_path):
 
     proc = subprocess.run([sys.executable, "-m", "jaxllm.generate", "--checkpoint", str(tmp_path / "nope"),
                            "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # an expected user error: one line, no traceback
     assert proc.stderr.strip().count("\n") == 0 and "no config.yaml" in proc.stderr

@@ -431,19 +431,7 @@ def _check_block(name: str, value: int):
         raise ValueError(f"{name} must be a power of 2 >= {_MIN_BLOCK}, got {value}")
 
 
-def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=None,
-                    interpret: bool = False, block_q: int | None = None,
-                    block_k: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None):
-    """Fused attention. q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; returns [B, T, N, H].
-
-    segment_ids [B, T] (self-attention only, T == S): tokens attend within their segment.
-    causal: query t sees keys s <= t + (S - T). sm_scale defaults to H ** -0.5.
-    interpret: run the Pallas kernels in the interpreter (CPU tests); otherwise a GPU (Triton)
-    or a TPU (splash attention) is required. block_q / block_k (powers of 2) override the tile
-    sizes of the forward and backward kernels alike; num_warps / num_stages the Triton launch
-    (all four are for tuning the GPU kernel, `python -m benchmarks.attention --pallas-tiles ...`).
-    """
+def _check_args(q, k, v, segment_ids, causal, num_warps, num_stages):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     if k.shape != (B, S, K, H) or v.shape != k.shape:
@@ -458,16 +446,33 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
     if causal and T > S:
         raise ValueError(f"causal attention needs q_len <= kv_len, got {T} > {S}: "
                          "the first queries would see no key")
-    sm_scale = float(H ** -0.5 if sm_scale is None else sm_scale)
     if num_warps is not None and (not _is_pow2(num_warps) or num_warps > 16):
         raise ValueError(f"num_warps must be a power of 2 <= 16, got {num_warps}")
     if num_stages is not None and num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+
+
+def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=None,
+                    interpret: bool = False, block_q: int | None = None, block_k: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None, platform: str | None = None):
+    """Fused attention. q [B, T, N, H]; k, v [B, S, K, H] with N % K == 0; returns [B, T, N, H].
+
+    segment_ids [B, T] (self-attention only, T == S): tokens attend within their segment.
+    causal: query t sees keys s <= t + (S - T). sm_scale defaults to H ** -0.5.
+    interpret: run the Pallas kernels in the interpreter (CPU tests); otherwise `platform` (the
+    target devices'; default JAX's default backend) must be a GPU (Triton) or TPU (splash).
+    block_q / block_k (powers of 2) override the tile sizes of the forward and backward kernels
+    alike; num_warps / num_stages the Triton launch (all four tune the GPU kernel,
+    `python -m benchmarks.attention --pallas-tiles ...`).
+    """
+    _check_args(q, k, v, segment_ids, causal, num_warps, num_stages)
+    T, H, S = q.shape[1], q.shape[3], k.shape[1]
+    sm_scale = float(H ** -0.5 if sm_scale is None else sm_scale)
     tuning = {k: v for k, v in (("block_q", block_q), ("block_k", block_k), ("num_warps", num_warps),
                                 ("num_stages", num_stages)) if v is not None}
 
     if not interpret:
-        backend = jax.default_backend()
+        backend = platform or jax.default_backend()
         if backend == "tpu" and tuning:
             raise ValueError(f"{', '.join(tuning)} tune the GPU (Triton) kernel; on TPU splash "
                              "attention picks its own tiles")
@@ -478,8 +483,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale=
                                     sm_scale=sm_scale)
         if backend not in ("gpu", "cuda", "rocm"):
             raise RuntimeError(
-                f"the Pallas flash attention kernel needs a GPU or TPU, but the default JAX "
-                f"backend is {backend!r}. Pass interpret=True to run it (slowly) in the Pallas "
+                f"the Pallas flash attention kernel needs a GPU or TPU, but the target "
+                f"platform is {backend!r}. Pass interpret=True to run it (slowly) in the Pallas "
                 f"interpreter, or use impl='xla'.")
 
     # Pad to aligned shapes here, outside the custom_vjp, so JAX differentiates the padding (its

@@ -4,6 +4,9 @@ Covers Llama 2/3, SmolLM2 and Qwen2 shapes: RMSNorm, RoPE (with Llama-3.1 freque
 grouped-query attention, SwiGLU, optional qkv biases and tied embeddings. Layers are stacked along
 a leading `layers` axis and run with `lax.scan`, so compile time does not grow with depth.
 
+`decoder_layer` is the one layer function: training (`hidden_states`) and cached decoding
+(`jaxllm.models.decode`) differ only in the `attend` function they give it.
+
 Einsum letters: B batch, T query length, S key length, D embed, N heads, K kv heads,
 G heads per kv head, H head dim, F mlp, V vocab, L layers.
 """
@@ -17,7 +20,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from jaxllm.kernels.attention import attention
+from jaxllm.kernels.attention import attention, check_name
 from jaxllm.parallel.mesh import constrain
 
 
@@ -47,7 +50,7 @@ class ModelConfig:
     qkv_bias: bool = False
     init_std: float = 0.02
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute dtype; params are always fp32
-    attention: Literal["xla", "cudnn", "pallas"] = "xla"
+    attention: str = "xla"  # a name in jaxllm.kernels.attention.REGISTRY
     remat: Literal["none", "full", "save_dots"] = "none"
     # False unrolls the layer loop: longer compiles, but faster small models (e.g. on CPU).
     scan_layers: bool = True
@@ -65,6 +68,7 @@ class ModelConfig:
             raise ValueError("model.d_model must be divisible by model.n_heads when model.head_dim is 0")
         if self.hd % 2:
             raise ValueError("the head dimension must be even for RoPE")
+        check_name(self.attention)
 
     @property
     def hd(self) -> int:
@@ -206,18 +210,29 @@ def _mlp(p, x_BTD):
     return jnp.einsum("BTF,FD->BTD", h, p["w_down"])
 
 
-def _cast(cfg, tree):
-    return jax.tree.map(lambda a: a.astype(cfg.compute_dtype), tree)
+def cast_params(cfg: ModelConfig, params):
+    """Params in the compute dtype (they are stored in fp32)."""
+    return jax.tree.map(lambda a: a.astype(cfg.compute_dtype), params)
 
 
-def _decoder_layer(cfg, p, x_BTD, positions_BT, segment_ids_BT, inv_freq):
+def embed_tokens(cfg: ModelConfig, params_c: dict, tokens_BT):
+    """Input embeddings [B, T, D] from compute-dtype params."""
+    # Gather from a table whole along vocab: a vocab-sharded gather would be rematerialised anyway.
+    table = constrain(params_c["embed"], (None, "embed"))
+    return constrain(jnp.take(table, tokens_BT, axis=0), ("batch", "length", "embed"))
+
+
+def decoder_layer(cfg: ModelConfig, p: dict, x_BTD, positions_BT, inv_freq, attend):
+    """One pre-norm layer. `attend(q_BTNH, k_BTKH, v_BTKH) -> (att_BTNH, aux)` does the attention
+    (training: over the row itself; decoding: against a KV cache it updates, returned as aux).
+    Returns (x_BTD, aux)."""
     h = rms_norm(x_BTD, p["attn_norm"], cfg.norm_eps)
     q, k, v = _qkv(cfg, p, h, positions_BT, inv_freq)
-    att = attention(q, k, v, impl=cfg.attention, causal=True, segment_ids=segment_ids_BT)
+    att, aux = attend(q, k, v)
     x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", att, p["wo"])
     x_BTD = constrain(x_BTD, ("batch", "length", "embed"))
     x_BTD = x_BTD + _mlp(p, rms_norm(x_BTD, p["mlp_norm"], cfg.norm_eps))
-    return constrain(x_BTD, ("batch", "length", "embed"))
+    return constrain(x_BTD, ("batch", "length", "embed")), aux
 
 
 _REMAT_POLICIES = {
@@ -231,14 +246,15 @@ def hidden_states(cfg: ModelConfig, params: dict, tokens_BT, positions=None, seg
     B, T = tokens_BT.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    params = _cast(cfg, params)
-    # Gather from a table whole along vocab: a vocab-sharded gather would be rematerialised anyway.
-    table = constrain(params["embed"], (None, "embed"))
-    x = constrain(jnp.take(table, tokens_BT, axis=0), ("batch", "length", "embed"))
+    params = cast_params(cfg, params)
+    x = embed_tokens(cfg, params, tokens_BT)
     inv_freq = rope_frequencies(cfg)
 
+    def attend(q, k, v):
+        return attention(q, k, v, impl=cfg.attention, causal=True, segment_ids=segment_ids), None
+
     def layer(x, p):
-        return _decoder_layer(cfg, p, x, positions, segment_ids, inv_freq)
+        return decoder_layer(cfg, p, x, positions, inv_freq, attend)[0]
 
     if cfg.remat != "none":
         layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat])
@@ -251,50 +267,12 @@ def output_embedding(cfg: ModelConfig, params: dict):
     return params["embed"].T if cfg.tie_embeddings else params["lm_head"]
 
 
+def lm_logits(cfg: ModelConfig, params: dict, h_BTD):
+    """fp32 logits [B, T, V] of final-norm hidden states."""
+    w = output_embedding(cfg, params).astype(cfg.compute_dtype)
+    return jnp.einsum("BTD,DV->BTV", h_BTD, w, preferred_element_type=jnp.float32)
+
+
 def forward(cfg: ModelConfig, params: dict, tokens, positions=None, segment_ids=None):
     """Logits [B, T, V] in fp32. Training uses `hidden_states` with a chunked loss instead."""
-    h = hidden_states(cfg, params, tokens, positions, segment_ids)
-    w = output_embedding(cfg, params).astype(cfg.compute_dtype)
-    return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
-
-
-# ----------------------------------------------------------------------------- decoding with a KV cache
-
-
-def init_kv_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
-    shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.hd)
-    return {"k": jnp.zeros(shape, cfg.compute_dtype), "v": jnp.zeros(shape, cfg.compute_dtype)}
-
-
-def forward_cached(cfg: ModelConfig, params: dict, tokens_BT, positions_BT, cache: dict, index,
-                   kv_valid_BS):
-    """Runs T new tokens whose keys go into cache slots [index, index + T).
-
-    `kv_valid_BS` marks the cache slots that hold real tokens (False for left padding); a query
-    at slot i sees the valid slots <= i. Returns (fp32 logits [B, T, V], updated cache).
-    """
-    B, T = tokens_BT.shape
-    S = cache["k"].shape[2]
-    params = _cast(cfg, params)
-    inv_freq = rope_frequencies(cfg)
-    x = jnp.take(params["embed"], tokens_BT, axis=0)
-    q_slot = index + jnp.arange(T)
-    mask_BTS = kv_valid_BS[:, None, :] & (jnp.arange(S)[None, None, :] <= q_slot[None, :, None])
-    mask = mask_BTS[:, None]  # [B, 1, T, S], broadcast over heads
-
-    def layer(x, inputs):
-        p, k_cache, v_cache = inputs
-        h = rms_norm(x, p["attn_norm"], cfg.norm_eps)
-        q, k, v = _qkv(cfg, p, h, positions_BT, inv_freq)
-        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        att = jax.nn.dot_product_attention(q, k_cache, v_cache, mask=mask)
-        x = x + jnp.einsum("BTNH,NHD->BTD", att, p["wo"])
-        x = x + _mlp(p, rms_norm(x, p["mlp_norm"], cfg.norm_eps))
-        return x, (k_cache, v_cache)
-
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache["k"], cache["v"]))
-    h = rms_norm(x, params["final_norm"], cfg.norm_eps)
-    w = output_embedding(cfg, params)
-    logits = jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
-    return logits, {"k": k_new, "v": v_new}
+    return lm_logits(cfg, params, hidden_states(cfg, params, tokens, positions, segment_ids))
