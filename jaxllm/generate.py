@@ -113,7 +113,7 @@ def _run(args):
     """(tokenizer, prompt ids, completion ids) of the --prompt flags."""
     if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0:
         raise UserError("--max-new-tokens, --temperature and --top-k must be >= 0")
-    from jaxllm.checkpoint import load_run
+    from jaxllm.run import load_run
     from jaxllm.data.tokenizer import run_tokenizer
 
     cfg, params = load_run(args.checkpoint)

@@ -15,15 +15,18 @@ PROMPTS = [[5, 17, 3, 40, 22, 9, 11], [8], [30, 2, 61]]  # different lengths: le
 
 @pytest.fixture(scope="module")
 def params():
+    return jax.tree.map(jnp.asarray, numpy_params())
+
+
+def numpy_params():
     # NumPy init: jax.random's threefry takes seconds per shape to compile on a busy CPU. A larger
     # std than training's (and non-unit norms) spreads the logits, so greedy argmaxes are not
     # near-ties that fp32 rounding differences between the cached and full paths could flip.
     rng = np.random.default_rng(0)
-    is_shape = lambda x: isinstance(x, tuple)
     return jax.tree_util.tree_map_with_path(
-        lambda path, shape: jnp.asarray((1.0 if path[-1].key.endswith("norm") else 0.0)
-                                        + 0.3 * rng.standard_normal(shape), jnp.float32),
-        param_shapes(CFG), is_leaf=is_shape)
+        lambda path, shape: ((1.0 if path[-1].key.endswith("norm") else 0.0)
+                             + 0.3 * rng.standard_normal(shape)).astype(np.float32),
+        param_shapes(CFG), is_leaf=lambda x: isinstance(x, tuple))
 
 
 _forward = jax.jit(forward, static_argnums=0)
@@ -74,12 +77,15 @@ def test_prefill_logits_match_forward(params):
 # ----------------------------------------------------------------------------- decode.generate arrays
 
 
+def np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def recomputed_logps(params, prompt, new, temperature):
     """Log-probs of `new` after `prompt` from ONE full forward over prompt + new."""
     logits = full_logits(params, list(prompt) + list(new))[len(prompt) - 1:-1] / temperature
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    return logp[np.arange(len(new)), new]
+    return np_log_softmax(logits)[np.arange(len(new)), new]
 
 
 def test_generate_greedy_tokens_and_logps_match_full_forward(params):
@@ -107,9 +113,8 @@ def test_sampled_logps_are_the_unfiltered_tempered_log_softmax(params, temperatu
         np.testing.assert_allclose(gen.logps[b], recomputed_logps(params, p, new, temperature),
                                    atol=2e-5, rtol=1e-5)
         if top_k:  # every sampled token survived the filter
-            ranks = [(full_logits(params, list(p) + new[:j].tolist())[-1] > full_logits(
-                params, list(p) + new[:j].tolist())[-1][t]).sum() for j, t in enumerate(new)]
-            assert max(ranks) < top_k
+            step_logits = full_logits(params, list(p) + new.tolist())[len(p) - 1:-1]
+            assert ((step_logits > step_logits[np.arange(n), new][:, None]).sum(-1) < top_k).all()
 
 
 def test_per_row_stop_pads_after_the_stop_token(params):
@@ -170,20 +175,11 @@ def test_sample_text_with_sharded_params(params):
     from jaxllm.models import param_axes
     from jaxllm.parallel.mesh import make_mesh, tree_shardings
 
-    class Tok:  # token i is the letter chr(97 + i % 26)
-        bos_id, eos_id, pad_id = 1, 2, 0
-
-        def encode(self, text):
-            return [3 + (ord(c) - 97) % 26 for c in text]
-
-        def decode(self, ids):
-            return "".join(chr(97 + (i - 3) % 26) for i in ids if i > 2)
-
     cfg = SimpleNamespace(model=CFG, data=SimpleNamespace(add_bos=True))  # what it reads of a Config
     mesh = make_mesh(2, 2, 2, devices=jax.devices()[:8])
     sharded = jax.device_put(params, tree_shardings(mesh, param_axes(CFG), param_shapes(CFG)))
-    got = sample_text(cfg, sharded, Tok(), "abc", max_new_tokens=6, temperature=0.8, seed=1, mesh=mesh)
-    assert got == sample_text(cfg, params, Tok(), "abc", max_new_tokens=6, temperature=0.8, seed=1)
+    got = sample_text(cfg, sharded, LetterTokenizer(), "abc", max_new_tokens=6, temperature=0.8, seed=1, mesh=mesh)
+    assert got == sample_text(cfg, params, LetterTokenizer(), "abc", max_new_tokens=6, temperature=0.8, seed=1)
     assert isinstance(got, str) and len(got) <= 6
 
 
@@ -300,7 +296,7 @@ def test_generate_cli_on_a_trained_run_equals_library_call(trained_run):
     import sys
 
     from conftest import ROOT
-    from jaxllm.checkpoint import load_run
+    from jaxllm.run import load_run
     from jaxllm.data.tokenizer import load_tokenizer
 
     base, env, run_dir = trained_run
@@ -330,3 +326,77 @@ def test_generate_cli_without_checkpoint_is_one_line_error(tmp_path):
                            "--prompt", "x"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2  # an expected user error: one line, no traceback
     assert proc.stderr.strip().count("\n") == 0 and "no config.yaml" in proc.stderr
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, os, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
+import numpy as np
+import test_generate as t
+from jaxllm.models import decode, param_axes, param_shapes
+from jaxllm.parallel.mesh import make_mesh, tree_shardings
+
+mesh = make_mesh(2, 2, 2)  # 4 devices in each process
+host = t.numpy_params()
+params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), host,
+                      tree_shardings(mesh, param_axes(t.CFG), param_shapes(t.CFG)))
+assert not params["embed"].is_fully_addressable
+print(json.dumps(t.two_process_outputs(params, mesh)), flush=True)
+'''
+
+
+def two_process_outputs(params, mesh=None):
+    from types import SimpleNamespace
+
+    from jaxllm.generate import sample_text
+
+    cfg = SimpleNamespace(model=CFG, data=SimpleNamespace(add_bos=True))
+    text = sample_text(cfg, params, LetterTokenizer(), "abc", max_new_tokens=6, seed=1, mesh=mesh)
+    greedy = completions(CFG, params, PROMPTS, max_new_tokens=8, temperature=0.0, stop_tokens=[7], mesh=mesh)
+    gen = decode.generate(CFG, params, *decode.pad_prompts(PROMPTS + [[4, 5]]), max_new_tokens=8,
+                          temperature=0.9, top_k=10, rng=5, mesh=mesh)
+    tokens, logps = decode.host_values((gen.tokens, gen.logps))
+    return {"text": text, "greedy": greedy, "tokens": tokens.tolist(), "logps": logps.tolist()}
+
+
+class LetterTokenizer:  # token i is the letter chr(97 + (i - 3) % 26)
+    bos_id, eos_id, pad_id = 1, 2, 0
+
+    def encode(self, text):
+        return [3 + (ord(c) - 97) % 26 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(97 + (i - 3) % 26) for i in ids if i > 2)
+
+
+def test_sample_text_and_generate_on_a_two_process_mesh(tmp_path):
+    """Params sharded over two processes (no process holds them whole): every process calls
+    and gets what one device computes."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "two.py").write_text(TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "PYTHONPATH": os.path.join(ROOT, "tests") + os.pathsep + ROOT}
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "two.py"), str(i), f"127.0.0.1:{port}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    got = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    want = two_process_outputs(numpy_params())
+    for g in got:
+        assert (g["text"], g["greedy"], g["tokens"]) == (want["text"], want["greedy"], want["tokens"])
+        np.testing.assert_allclose(g["logps"], want["logps"], atol=1e-5)
+    assert want["text"] and any(want["greedy"])
