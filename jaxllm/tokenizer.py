@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from jaxllm.data import sources
+from jaxllm.data.documents import open_source
 from jaxllm.data.tokenizer import Tokenizer, sample_texts, train_sentencepiece
 
 
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             start = time.perf_counter()
-            source = sources.open_source(args.input, text_field=args.text_field, strict=args.strict,
-                                         eval_fraction=args.eval_fraction)
+            source = open_source(args.input, text_field=args.text_field, strict=args.strict,
+                                 eval_fraction=args.eval_fraction)
             path = train_sentencepiece(sample_texts(source, args.max_chars), args.vocab_size, args.output,
                                        model_type=args.model_type, max_chars=args.max_chars)
             tok = Tokenizer(path)

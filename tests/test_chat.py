@@ -5,13 +5,17 @@ import json
 import pickle
 import random
 
+import grain
 import numpy as np
 import pytest
 
-from jaxllm.data.chat import (ChatTemplate, ConversationError, SFTRows, TemplateError, load_template,
-                              pack_examples, read_conversations, tokenize_conversation)
+from jaxllm.config import Config, build
+from jaxllm.data import examples
+from jaxllm.data.chat import ChatTemplate, TemplateError, load_template, tokenize_conversation
+from jaxllm.data.files import SourceError
 from jaxllm.data.hf_tokenizer import HFTokenizer
-from jaxllm.data.sources import SourceError
+from jaxllm.data.records import RecordSource
+from jaxllm.data.sft_packing import SFTPackIterDataset
 from jaxllm.data.tokenizer import Tokenizer, train_sentencepiece
 
 CONV = [
@@ -63,6 +67,30 @@ def hf(hf_dir):
 @pytest.fixture(scope="module")
 def sp(tmp_path_factory):
     return Tokenizer(train_sentencepiece(SENTENCES, 300, str(tmp_path_factory.mktemp("sp") / "tiny")))
+
+
+def _write_conversations(path, conversations):
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    return str(path)
+
+
+def _sft_cfg(train, seq_len, template="chatml", *, strict=False, **sft):
+    return build(Config, {"data": {"train": [str(train)], "seq_len": seq_len, "add_bos": False, "strict": strict},
+                          "sft": {"template": template, **sft}})
+
+
+def _sft_rows(cfg, tok, source=None):
+    """(rows, skip counts) of the trainer's SFT chain over data.train (or `source`) in index order
+    (unshuffled): records -> examples.Examples -> examples.CountSkips -> SFTPackIterDataset."""
+    source = examples.open_split(cfg, "sft", "train") if source is None else source
+    make = examples.Examples(cfg, tok, source, "sft")
+    records = grain.MapDataset.source(examples.IndexedSource(source)).map(make)
+    counted = examples.CountSkips(records.to_iter_dataset(), 2 * len(source))
+    return list(SFTPackIterDataset(counted, cfg.data.seq_len, tok.pad_id, pack=cfg.sft.packing)), counted.counts
+
+
+def _segments(rows):
+    return sum(int(r["segment_ids"].max()) for r in rows)
 
 
 def _runs(ids, mask):
@@ -176,20 +204,18 @@ BAD = [
 ]
 
 
-def test_malformed_skipped_and_counted_or_strict(hf):
-    convs = [CONV, *BAD, CONV[:3]]
-    rows = SFTRows(convs, hf, "chatml", 128)
-    out = list(rows)
-    assert rows.kept == 2
-    assert dict(rows.skipped) == {"empty conversation": 1, "message lacks role or content": 1,
-                                  "unknown role": 1, "no assistant turn": 1}
-    assert sum(int(r["segment_ids"].max()) for r in out) == 2
-    with pytest.raises(ConversationError, match="record 1: empty conversation"):
-        list(SFTRows(convs, hf, "chatml", 128, strict=True))
+def test_malformed_skipped_and_counted_or_strict(hf, tmp_path):
+    path = _write_conversations(tmp_path / "c.jsonl", [CONV, *BAD, CONV[:3]])
+    rows, skipped = _sft_rows(_sft_cfg(path, 128), hf)
+    assert _segments(rows) == 2  # the two good conversations
+    assert dict(skipped) == {"empty conversation": 1, "message lacks role or content": 1,
+                             "unknown role": 1, "no assistant turn": 1}
+    with pytest.raises(SourceError, match="c.jsonl:2: empty conversation"):
+        _sft_rows(_sft_cfg(path, 128, strict=True), hf)
     short = len(tokenize_conversation(CONV[:3], hf, "chatml", max_len=1000)[0])
-    dropped = SFTRows([CONV, CONV[:3]], hf, "chatml", short - 1, truncation="drop")
-    list(dropped)
-    assert dropped.kept == 1 and dict(dropped.skipped) == {"too long": 1}
+    path = _write_conversations(tmp_path / "d.jsonl", [CONV, CONV[:3]])
+    rows, skipped = _sft_rows(_sft_cfg(path, short - 1, truncation="drop"), hf)
+    assert _segments(rows) == 1 and dict(skipped) == {"too long": 1}
 
 
 # ----------------------------------------------------------------------------- packing
@@ -224,21 +250,28 @@ def _check_packing(rows, examples, seq_len, pad_id):
         assert int((row["segment_ids"] > 0).sum()) + len(first) > seq_len
 
 
-def test_pack_examples_whole_and_masks():
+def _pack(segments, seq_len, pad=0):
+    """SFTPackIterDataset over records of one (ids, mask, no ul_mask) segment each."""
+    records = [[(ids, mask, np.zeros_like(mask))] for ids, mask in segments]
+    return list(SFTPackIterDataset(grain.MapDataset.source(records).to_iter_dataset(), seq_len, pad))
+
+
+def test_pack_segments_whole_and_masks():
     rng = random.Random(0)
     seq_len, pad = 16, 3
-    examples = []
+    segments = []
     for _ in range(40):
         n = rng.randint(2, seq_len + 1)
-        examples.append((np.array([rng.randrange(5, 100) for _ in range(n)], np.int32),
+        segments.append((np.array([rng.randrange(5, 100) for _ in range(n)], np.int32),
                          np.array([rng.randint(0, 1) for _ in range(n)], np.int32)))
-    rows = list(pack_examples(examples, seq_len, pad))
-    _check_packing(rows, examples, seq_len, pad)
+    rows = _pack(segments, seq_len, pad)
+    _check_packing(rows, segments, seq_len, pad)
+    assert all(not r["ul_mask"].any() for r in rows)
     with pytest.raises(ValueError, match="does not fit"):
-        list(pack_examples([(np.zeros(seq_len + 2, np.int32), np.zeros(seq_len + 2, np.int32))], seq_len))
+        _pack([(np.zeros(seq_len + 2, np.int32), np.zeros(seq_len + 2, np.int32))], seq_len)
 
 
-def test_sft_rows_match_per_conversation_reference(hf):
+def test_sft_rows_match_per_conversation_reference(hf, tmp_path):
     rng = random.Random(1)
     convs = []
     for _ in range(12):
@@ -248,7 +281,8 @@ def test_sft_rows_match_per_conversation_reference(hf):
             msgs.append({"role": "assistant", "content": " ".join(rng.sample(SENTENCES, rng.randint(1, 3)))})
         convs.append(msgs)
     seq_len = 96
-    rows = list(SFTRows(convs, hf, "tulu", seq_len))
+    rows, skipped = _sft_rows(_sft_cfg(_write_conversations(tmp_path / "c.jsonl", convs), seq_len, "tulu"), hf)
+    assert not skipped
     ref = [tokenize_conversation(c, hf, "tulu", max_len=seq_len + 1) for c in convs]
     assert any(len(r[0]) == seq_len + 1 for r in ref)  # some were truncated to fit a row
     _check_packing(rows, ref, seq_len, hf.pad_id)
@@ -267,33 +301,33 @@ def test_read_jsonl_and_parquet(tmp_path, hf):
              json.dumps({"messages": "text"}), "", json.dumps({"messages": good[1], "id": 7}),
              json.dumps({"messages": good[2]})]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
-    src = read_conversations(str(tmp_path / "a.jsonl"))
-    assert len(src) == 3 and list(src) == good
+    conversations = lambda spec, field="messages", **kw: RecordSource(str(spec), {field: (list,)}, **kw)
+    src = conversations(tmp_path / "a.jsonl")
+    assert len(src) == 3 and [r["messages"] for r in src] == good
     assert dict(src.skipped) == {"malformed JSON": 1, "missing field 'messages'": 1,
                                  "field 'messages' is not a list": 1}
     assert src.where(1) == f"{tmp_path / 'a.jsonl'}:6"
     with pytest.raises(SourceError, match=r"a.jsonl:2: malformed JSON"):
-        read_conversations(str(tmp_path / "a.jsonl"), strict=True)
+        conversations(tmp_path / "a.jsonl", strict=True)
 
     msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     table = pa.table({"messages": pa.array(good + [None, BAD[3]], type=msg_type)})
     pq.write_table(table, tmp_path / "b.parquet", row_group_size=2)
-    psrc = read_conversations(str(tmp_path / "b.parquet"))
-    assert list(psrc) == good + [BAD[3]] and dict(psrc.skipped) == {"missing field 'messages'": 1}
+    psrc = conversations(tmp_path / "b.parquet")
+    assert [r["messages"] for r in psrc] == good + [BAD[3]] and dict(psrc.skipped) == {"missing field 'messages'": 1}
     assert psrc.where(3) == f"{tmp_path / 'b.parquet'}: row group 2, row 0"
     psrc = pickle.loads(pickle.dumps(psrc))
-    assert psrc[2] == good[2]
+    assert psrc[2]["messages"] == good[2]
     with pytest.raises(SourceError, match="no column 'chat'"):
-        read_conversations(str(tmp_path / "b.parquet"), "chat")
+        conversations(tmp_path / "b.parquet", "chat")
 
     # A folder spec reads both; record-level problems name the record in strict mode.
-    both = read_conversations(str(tmp_path))
+    both = conversations(tmp_path)
     assert len(both) == 7
-    with pytest.raises(ConversationError, match=r"b.parquet: row group 2, row 0: no assistant turn"):
-        list(SFTRows(both, hf, "chatml", 128, strict=True))
-    rows = SFTRows(both, hf, "chatml", 128)
-    list(rows)
-    assert rows.kept == 6 and dict(rows.skipped) == {"no assistant turn": 1}
+    with pytest.raises(SourceError, match=r"b.parquet: row group 2, row 0: no assistant turn"):
+        _sft_rows(_sft_cfg(tmp_path, 128, strict=True), hf, both)
+    rows, skipped = _sft_rows(_sft_cfg(tmp_path, 128), hf)
+    assert _segments(rows) == 6 and dict(skipped) == {"no assistant turn": 1}
 
 
 # ----------------------------------------------------------------------------- HF tokenizer

@@ -1,7 +1,9 @@
 """Data pipeline: sources, packing against an independent reference, resume, sharding, eval."""
 
+import ast
 import dataclasses
 import json
+import os
 import re
 
 import grain
@@ -11,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxllm.config import Config, DataConfig, TrainerConfig
-from jaxllm.data import pipeline, sources
+from jaxllm.data import files, mixture
+from jaxllm.data.documents import Tokenize, open_source
+from jaxllm.data.files import SourceError
 from jaxllm.data.packing import PackIterDataset
-from jaxllm.data.pipeline import Tokenize, make_eval_batches, make_train_iterator
-from jaxllm.data.sources import SourceError, open_source
+from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
+from jaxllm.data.records import RecordSource
 from jaxllm.data.tokenizer import Tokenizer, train_sentencepiece
 
 FIELDS = {"tokens": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
@@ -84,15 +88,84 @@ def test_text_files_folders_globs_and_missing(tmp_path):
 
 
 def test_stdlib_split_is_disjoint_and_deterministic():
-    train, held_out = sources.stdlib_files("train", 0.02), sources.stdlib_files("eval", 0.02)
-    assert train == sources.stdlib_files("train", 0.02) and held_out == sources.stdlib_files("eval", 0.02)
+    train, held_out = files.stdlib_files("train", 0.02), files.stdlib_files("eval", 0.02)
+    assert train == files.stdlib_files("train", 0.02) and held_out == files.stdlib_files("eval", 0.02)
     assert not set(train) & set(held_out)
     assert len(held_out) >= 5 and 0.005 < len(held_out) / (len(train) + len(held_out)) < 0.05
     assert all(f.endswith(".py") and "site-packages" not in f for f in train + held_out)
     # A file's split depends only on its path: more held out keeps the old eval files there.
-    assert set(held_out) <= set(sources.stdlib_files("eval", 0.1))
+    assert set(held_out) <= set(files.stdlib_files("eval", 0.1))
     src = open_source(["stdlib:eval"])
     assert len(src) == len(held_out) and "def " in "".join(src[i] for i in range(len(src)))
+
+
+def test_document_files_and_where(tmp_path):
+    """Every document names its file (`file_ids`, what curation reports) and its line / row."""
+    (tmp_path / "a.txt").write_text("alpha")
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"text": ""}\n{"text": "two"}\n')
+    pq.write_table(pa.table({"text": ["three", None, "four"]}), tmp_path / "c.parquet", row_group_size=2)
+    src = open_source([str(tmp_path)])
+    assert [src[i] for i in range(len(src))] == ["alpha", "one", "two", "three", "four"]
+    assert src.files == [str(tmp_path / n) for n in ("a.txt", "b.jsonl", "c.parquet")]
+    assert src.file_ids.tolist() == [0, 1, 1, 2, 2]
+    parts = src.sources
+    assert [parts[1].where(i) for i in range(2)] == [f"{tmp_path / 'b.jsonl'}:1", f"{tmp_path / 'b.jsonl'}:3"]
+    assert parts[2].where(1) == f"{tmp_path / 'c.parquet'}: row group 1, row 0"
+
+
+def test_record_source_reads_mixed_files_in_file_order(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setenv("JAXLLM_DATA_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"q": "a0", "n": 1}\n{"q": 5}\n{"q": "a2"}\n')
+    pq.write_table(pa.table({"q": ["b0", None, "b2"], "n": [None, 2, 3]}), tmp_path / "d" / "b.parquet")
+    (tmp_path / "d" / "c.jsonl.gz").write_bytes(gzip.compress(b'{"q": "c0", "n": true}\n{"q": "c1", "n": 4.5}\n'))
+    (tmp_path / "d" / "e.txt").write_text("not a record file")
+    src = RecordSource(str(tmp_path / "d"), {"q": (str,)}, {"n": (int, float)})
+    assert list(src) == [{"q": "a0", "n": 1}, {"q": "a2"}, {"q": "b0"}, {"q": "b2", "n": 3}, {"q": "c1", "n": 4.5}]
+    assert dict(src.skipped) == {"field 'q' is not a string": 1, "missing field 'q'": 1,
+                                 "field 'n' is not a number": 1}
+    assert [src.where(i) for i in (1, 3, 4)] == [f"{tmp_path / 'd' / 'a.jsonl'}:3",
+                                                 f"{tmp_path / 'd' / 'b.parquet'}: row group 0, row 2",
+                                                 f"{tmp_path / 'd' / 'c.jsonl.gz'}:2"]
+    with pytest.raises(IndexError):
+        src[5]
+
+
+def _jaxllm_imports(path):
+    """The jaxllm modules a file imports, at module level or inside functions."""
+    tree = ast.parse(open(path).read())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxllm"):
+            out |= {f"{node.module}.{a.name}" if node.module == "jaxllm.data" else node.module for a in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("jaxllm")}
+    return out
+
+
+def test_data_package_is_layered():
+    """No import cycle inside jaxllm.data; rows.py imports nothing of jaxllm (the objectives read
+    it); only prepare.py (the top) reads jaxllm.config, and nothing imports prepare.py."""
+    import jaxllm.data
+
+    folder = os.path.dirname(jaxllm.data.__file__)
+    graph = {name[:-3]: _jaxllm_imports(os.path.join(folder, name)) for name in os.listdir(folder)
+             if name.endswith(".py")}
+    assert graph["__init__"] == set() and graph["rows"] == set()
+    outside = {m for name, mods in graph.items() for m in mods if not m.startswith("jaxllm.data.")}
+    assert outside == {"jaxllm.errors", "jaxllm.frozendict", "jaxllm.config"}
+    assert [n for n, mods in graph.items() if "jaxllm.config" in mods] == ["prepare"]
+    assert not [n for n, mods in graph.items() if "jaxllm.data.prepare" in mods]
+    deps = {n: {m[len("jaxllm.data."):] for m in mods if m.startswith("jaxllm.data.")} for n, mods in graph.items()}
+    done = set()
+    while len(done) < len(deps):  # peel off modules whose imports are all done: stalls on a cycle
+        ready = {n for n, d in deps.items() if n not in done and d <= done}
+        assert ready, f"import cycle among {sorted(set(deps) - done)}"
+        done |= ready
+    for name in graph:
+        assert "cfg.task" not in open(os.path.join(folder, name + ".py")).read(), name
 
 
 # ----------------------------------------------------------------------------- packing
@@ -188,7 +261,7 @@ def _cfg(folder, batch_size=4, seq_len=32, **data):
 @pytest.fixture
 def small_window(monkeypatch):
     # A window of a few rows, so the tests cross row-shuffle windows within a few batches.
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", 6 * 32)
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 6 * 32)
 
 
 def test_train_batches_are_valid_packed_slices(corpus, small_window):

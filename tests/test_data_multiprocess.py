@@ -43,9 +43,9 @@ def _row_ids(tok, tokens) -> list[int]:
     return out
 
 
-def _epoch_rows(pipeline_module, rows_per_process: int):
+def _epoch_rows(mixture_module, rows_per_process: int):
     # Row-shuffle windows of one process batch, so an epoch of the shard ends with a window.
-    pipeline_module.ROW_SHUFFLE_TOKENS = rows_per_process * SEQ_LEN
+    mixture_module.ROW_SHUFFLE_TOKENS = rows_per_process * SEQ_LEN
 
 
 def _worker(args: dict) -> None:
@@ -56,11 +56,11 @@ def _worker(args: dict) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from jaxllm.data import pipeline
+    from jaxllm.data import mixture, pipeline
     from jaxllm.data.tokenizer import Tokenizer
 
     assert jax.process_count() == 2 and jax.device_count() == 2
-    _epoch_rows(pipeline, BATCH // 2)
+    _epoch_rows(mixture, BATCH // 2)
     tok = Tokenizer(args["model"])
     it = pipeline.make_train_iterator(_config(args["corpus"], args["packing"]), tok)
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), PartitionSpec("data"))
@@ -96,7 +96,7 @@ def corpus(tmp_path_factory):
 
 @pytest.mark.parametrize("packing", ["greedy", "best_fit"])
 def test_two_processes_read_disjoint_shards_covering_one_epoch(corpus, tmp_path, monkeypatch, packing):
-    from jaxllm.data import pipeline
+    from jaxllm.data import mixture, pipeline
     from jaxllm.data.tokenizer import Tokenizer
 
     root, path, model = corpus
@@ -129,7 +129,7 @@ def test_two_processes_read_disjoint_shards_covering_one_epoch(corpus, tmp_path,
     shards = [{i for rows in r["local"] for i in rows} for r in results]
     assert shards[0] == set(range(0, DOCS, 2)) and shards[1] == set(range(1, DOCS, 2))
     # The same epoch read by one process.
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", BATCH * SEQ_LEN)
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", BATCH * SEQ_LEN)
     monkeypatch.setenv("JAXLLM_DATA_CACHE", str(cache))
     tok = Tokenizer(model)
     one = pipeline.make_train_iterator(_config(path, packing), tok, process_index=0, process_count=1)

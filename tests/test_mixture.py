@@ -10,13 +10,15 @@ import dataclasses
 import json
 import os
 
+import grain
 import numpy as np
 import pytest
 
 from jaxllm.config import Config, ConfigError, DataConfig, TrainerConfig, build, dump_yaml, load_config, validate
 from jaxllm.data import curriculum, mixture, pipeline
 from jaxllm.data.curriculum import stage_plan
-from jaxllm.data.packing import packing_stats
+from jaxllm.data.documents import Tokenize, open_source
+from jaxllm.data.packing import PackIterDataset, packing_stats
 from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +67,7 @@ def corpus(tmp_path_factory):
 def window(monkeypatch):
     # Row-shuffle windows of 1024 rows at seq_len 16. (grain's index_shuffle is slow for small
     # windows: about 60 / n ms per element of an n-element window.)
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", 1024 * 16)
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 1024 * 16)
 
 
 def _cfg(root, stages=(), sources=NAMES, batch_size=8, seq_len=16, seed=0, on_exhaust=None, **data):
@@ -161,14 +163,29 @@ def test_every_process_draws_the_same_sources_from_disjoint_documents(corpus):
     assert not pairs[0] & pairs[1]
 
 
-def test_implicit_source_equals_the_single_source_pipeline(corpus):
-    """No data.sources / data.stages: data.train as before, batch for batch."""
+def _single_source_reference(data, batch_size, process_index, process_count):
+    """The plain pipeline composed from grain stages: data.train's documents, this process's
+    shard, shuffled by data.seed, repeated, tokenized, packed, rows shuffled in windows, batched."""
+    source = open_source(data.train, text_field=data.text_field, strict=data.strict, eval_fraction=data.eval_fraction)
+    docs = grain.MapDataset.source(source)[process_index::process_count].shuffle(seed=data.seed).repeat()
+    ids = docs.map(Tokenize(TOK, data.add_bos, data.add_eos))
+    rows = PackIterDataset(ids.to_iter_dataset(), data.seq_len, TOK.pad_id, method=data.packing,
+                           split_policy=data.split_policy, buffer_docs=data.pack_buffer)
+    window = max(batch_size, mixture.ROW_SHUFFLE_TOKENS // data.seq_len)
+    rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=window, seed=data.seed)
+    return rows.batch(batch_size, drop_remainder=True).__iter__()
+
+
+@pytest.mark.parametrize("packing, process_index", [("greedy", 0), ("best_fit", 1)])
+def test_implicit_source_equals_the_single_source_pipeline(corpus, monkeypatch, packing, process_index):
+    """No data.sources / data.stages: data.train through the plain pipeline, batch for batch."""
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 64 * 16)  # windows of 64 rows: several per run
     root, _, _ = corpus
     cfg = Config(data=DataConfig(train=(str(root / "web"), str(root / "code")), tokenizer="unused", seq_len=16,
-                                 seed=5), trainer=TrainerConfig(batch_size=4))
-    it = make_train_iterator(cfg, TOK, process_index=0, process_count=1)
-    want = pipeline.train_dataset(cfg.data, TOK, 4, process_index=0, process_count=1).__iter__()
-    _assert_same(_take(it, 25), _take(want, 25))
+                                 seed=5, packing=packing, pack_buffer=8), trainer=TrainerConfig(batch_size=8))
+    it = make_train_iterator(cfg, TOK, process_index=process_index, process_count=2)
+    want = _single_source_reference(cfg.data, 4, process_index, 2)
+    _assert_same(_take(it, 40), _take(want, 40))
     assert it.names == ["train"] and it.stats()["frac/train"] == 1.0
 
 
@@ -234,7 +251,7 @@ def test_sources_keep_their_position_across_stages(corpus, monkeypatch, packing)
     if packing == "best_fit":  # less than one pass of every source: each pair at most once
         assert all(max(collections.Counter(pairs).values()) == 1 for pairs in got.values())
         return
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", 1)  # the references: rows in stream order
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 1)  # the references: rows in stream order
     for name, pairs in got.items():
         assert collections.Counter(pairs) == collections.Counter(_reference_pairs(root, name, len(pairs))), name
     # The split document: the first web row of stage 2 continues the last web row of stage 0
@@ -247,7 +264,7 @@ def test_resume_mid_stage_and_across_a_switch_equals_uninterrupted(corpus, cut, 
     """Cuts: mid stage 0, at the switch to 1, mid 1, at the switch to 2, in 2."""
     # Windows of 128 rows at seq_len 16: stage 0's 40 rows and stage 1's 12 are windows cut
     # short by the stage's end, and stage 2's first window outlasts the test's 10 batches of it.
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", 128 * 16)
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 128 * 16)
     root, _, _ = corpus
     cfg = _cfg(root, STAGES, packing=packing, pack_buffer=8)
     want_it = make_train_iterator(cfg, TOK, process_index=0, process_count=1)
@@ -309,7 +326,7 @@ def test_on_exhaust_stop_ends_the_mixture(corpus):
 
 
 def test_on_exhaust_repeat_counts_epochs(corpus, monkeypatch):
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", 1)  # no rows held back in a window
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 1)  # no rows held back in a window
     root, docs, _ = corpus
     cfg = _cfg(root, sources=("math",), batch_size=1, seq_len=64)
     it = make_train_iterator(cfg, TOK, process_index=0, process_count=1)

@@ -13,10 +13,11 @@ import pytest
 import zstandard
 
 from jaxllm.config import Config, DataConfig, TrainerConfig
-from jaxllm.data import pipeline, prepare, sources
-from jaxllm.data.pipeline import Tokenize, make_eval_batches, make_train_iterator
-from jaxllm.data.prepare import PreparedSource
-from jaxllm.data.sources import SourceError, open_source
+from jaxllm.data import files, mixture, prepare
+from jaxllm.data.documents import Tokenize, open_source
+from jaxllm.data.files import SourceError
+from jaxllm.data.pipeline import make_eval_batches, make_train_iterator
+from jaxllm.data.shards import PreparedSource
 from jaxllm.data.tokenizer import Tokenizer, train_sentencepiece
 
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
@@ -140,7 +141,7 @@ def _cfg(train, *, batch_size=4, seq_len=32, **data):
 
 @pytest.fixture
 def small_window(monkeypatch):
-    monkeypatch.setattr(pipeline, "ROW_SHUFFLE_TOKENS", 6 * 32)
+    monkeypatch.setattr(mixture, "ROW_SHUFFLE_TOKENS", 6 * 32)
 
 
 @pytest.mark.parametrize("packing", ["greedy", "best_fit"])
@@ -196,7 +197,7 @@ def test_tokenizer_or_bos_eos_mismatch_is_an_error_naming_both(corpus, prepared)
     with pytest.raises(SourceError, match=re.escape("bos_id: shards made with 1, the tokenizer has 5")):
         src.check(OtherBos(tok.path), True, True)
     with pytest.raises(SourceError, match="prepared token shards hold no text files"):
-        sources.resolve_files(str(prepared))
+        files.resolve_files(str(prepared))
 
 
 def test_truncated_or_missing_shard_files_are_named(prepared, tmp_path):
@@ -279,15 +280,15 @@ def test_truncated_and_unreadable_compressed_files(tmp_path, suffix):
     path = tmp_path / f"t{suffix}"
     path.write_bytes(whole[: len(whole) // 2])
     cache = str(tmp_path / "cache")
-    src = sources.open_source([str(path)], cache_dir=cache)
+    src = open_source([str(path)], cache_dir=cache)
     n = len(src)
     assert 0 < n < 3000 and [src[i] for i in range(n)] == [f"doc {i} " + "abc " * 50 for i in range(n)]
     assert dict(src.skipped) == {"truncated file": 1}
     with pytest.raises(SourceError, match=re.escape(f"{path}:{n + 1}: truncated file")):
-        sources.open_source([str(path)], strict=True, cache_dir=cache)
+        open_source([str(path)], strict=True, cache_dir=cache)
     path.write_bytes(b"this is not compressed data at all\n")
     with pytest.raises(SourceError, match=re.escape(str(path)) + ": cannot decompress"):
-        sources.open_source([str(path)], cache_dir=cache)
+        open_source([str(path)], cache_dir=cache)
 
 
 # ----------------------------------------------------------------------------- ArrayRecord
@@ -315,6 +316,10 @@ def test_array_record_round_trip_and_bad_records(tmp_path):
     _write_array_record(tmp_path / "ds" / "train.array_record-00001-of-00002", records[20:])
     src = open_source([str(tmp_path / "ds")])
     assert [src[i] for i in range(len(src))] == good
+    shards = [str(tmp_path / "ds" / f"train.array_record-0000{k}-of-00002") for k in (0, 1)]
+    assert [src.where(i) for i in (0, 2, 16)] == [f"{shards[0]}: record 0", f"{shards[0]}: record 3",
+                                                   f"{shards[1]}: record 0"]
+    assert src.files == shards and src.file_ids.tolist() == [0] * 16 + [1] * 10
     assert [src[i] for i in reversed(range(len(src)))] == good[::-1]
     assert pickle.loads(pickle.dumps(src))[len(good) - 1] == good[-1]
     assert dict(src.skipped) == {"malformed JSON": 1, "invalid UTF-8": 1, "missing field 'text'": 1,

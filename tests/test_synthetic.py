@@ -148,27 +148,27 @@ def test_answer_accuracy(files):
 
 
 def test_files_load_as_post_training_data(tmp_path):
-    """The written files are what jaxllm.data.tasks reads for sft, dpo and kto."""
+    """The written files are what jaxllm.data.posttrain reads for the sft, pairs and kto formats."""
     from jaxllm.config import Config, build
-    from jaxllm.data import tasks
+    from jaxllm.data import posttrain
     from jaxllm.data.tokenizer import Tokenizer, train_sentencepiece
 
     paths = synthetic.write(str(tmp_path), seed=0, n_train=60, n_eval=20)
     text = [d["text"] for d in synthetic.read_jsonl(paths["pretrain.jsonl"])] + ["<|im_start|>user\n<|im_end|>"]
     tok = Tokenizer(train_sentencepiece(text, 400, str(tmp_path / "sp")))
-    for task, name, extra in (("sft", "sft", {"sft": {"unlikelihood_weight": 1.0}}), ("dpo", "pref", {}),
-                              ("dpo", "kto", {"preference": {"loss_type": "kto"}})):
-        cfg = build(Config, {"task": task, "data": {"train": [paths[f"{name}_train.jsonl"]],
-                                                    "eval": [paths[f"{name}_eval.jsonl"]], "seq_len": 128},
+    for fmt, name, extra in (("sft", "sft", {"sft": {"unlikelihood_weight": 1.0}}), ("pairs", "pref", {}),
+                             ("kto", "kto", {})):
+        cfg = build(Config, {"data": {"train": [paths[f"{name}_train.jsonl"]],
+                                      "eval": [paths[f"{name}_eval.jsonl"]], "seq_len": 128},
                              "trainer": {"batch_size": 4}, **extra})
-        it = tasks.make_train_iterator(cfg, tok, process_index=0, process_count=1)
+        it = posttrain.train_iterator(cfg, tok, fmt, process_index=0, process_count=1)
         batch = next(it)
         assert not it.skipped and not it.source_skipped
-        ev = tasks.make_eval_batches(cfg, tok, 1, process_index=0, process_count=1)
+        ev = posttrain.eval_batches(cfg, tok, fmt, 1, process_index=0, process_count=1)
         assert len(ev) == 1
-        mask = batch["loss_mask" if task == "sft" else ("chosen_loss_mask" if name == "pref" else "loss_mask")]
+        mask = batch["chosen_loss_mask" if fmt == "pairs" else "loss_mask"]
         assert mask.sum() > 0
-        if task == "sft":
+        if fmt == "sft":
             assert batch["ul_mask"].sum() > 0
             assert not (batch["ul_mask"] * batch["loss_mask"]).any()
         else:

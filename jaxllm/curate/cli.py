@@ -22,7 +22,8 @@ import numpy as np
 import yaml
 
 from jaxllm.curate.config import FIELDS, ConfigError, load_config
-from jaxllm.data.sources import SourceError, open_source
+from jaxllm.data.documents import open_source
+from jaxllm.data.files import SourceError
 
 
 def _csv(text: str) -> list[str]:

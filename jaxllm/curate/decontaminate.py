@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxllm.curate.origin import doc_files
 from jaxllm.curate.text import ngram_hashes, word_hashes, words
-from jaxllm.data.sources import open_source
+from jaxllm.data.documents import open_source
 
 
 class Decontaminator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxllm.data.sources import ConcatSource, TextFileSource
+from jaxllm.data.documents import ConcatSource, TextFileSource
 
 
 def doc_files(source) -> tuple[list[str], np.ndarray]:

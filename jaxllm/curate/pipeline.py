@@ -27,7 +27,7 @@ from jaxllm.curate.filters import build_filters
 from jaxllm.curate.origin import doc_files
 from jaxllm.curate.quality import QualityModel, select
 from jaxllm.curate.report import Report
-from jaxllm.data.sources import open_source
+from jaxllm.data.documents import open_source
 
 log = logging.getLogger(__name__)
 

@@ -1,12 +1,21 @@
-"""Pretraining data: sources -> tokenizer -> packing -> batched grain pipeline."""
+"""Training data, in layers; each module imports only modules of the layers below it.
 
-from jaxllm.data.packing import PackIterDataset
-from jaxllm.data.pipeline import DataIterator, make_eval_batches, make_train_iterator, train_dataset
-from jaxllm.data.sources import SourceError, open_source, resolve_files, stdlib_files
-from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, train_sentencepiece
+  rows.py           the batch row schema (ROW_FIELDS) and row helpers (numpy only)
+  files.py          source specs -> files; the decompressed-jsonl cache; SourceError
+  records.py        indexed readers of jsonl / parquet / ArrayRecord records; RecordSource
+  shards.py         prepared token shards (PreparedSource)
+  documents.py      pretraining documents (open_source), Tokenize
+  tokenizer.py, hf_tokenizer.py     tokenizers ("auto" trains on documents)
+  chat.py           chat templates, conversations -> (ids, loss mask)
+  preference_data.py                pairs / KTO records -> rows
+  examples.py       post-training records -> examples of a format (sft, pairs, kto)
+  packing.py        documents -> packed rows;  sft_packing.py: SFT examples -> packed rows
+  batching.py       what the batch pipelines share (process layout, fixed eval batches)
+  curriculum.py, mixture.py, pipeline.py     pretraining batches (mixtures through stages)
+  posttrain.py      post-training batches
+  prepare.py        the token-shard writer and its command line (imported by nothing)
+  synthetic.py      synthetic post-training tasks (standalone)
 
-__all__ = [
-    "DataIterator", "PackIterDataset", "SourceError", "Tokenizer", "load_tokenizer",
-    "make_eval_batches", "make_train_iterator", "open_source", "resolve_files", "stdlib_files",
-    "train_dataset", "train_sentencepiece",
-]
+Import the modules themselves; this package re-exports nothing, so importing one layer does not
+import the layers above it.
+"""

@@ -14,9 +14,9 @@ them, one stage covers the run). Per process:
            so the composition of the global batch is this process's times the process count.
            A row holds one source's tokens: a weight is the expected share of the stage's rows,
            i.e. of its tokens.
-  stage:   rows are shuffled in windows (a long document's rows spread over many batches), as
-           the single-source pipeline does, but a window never crosses a stage's end; then
-           batched by the stage's batch size.
+  stage:   rows are shuffled in windows of ROW_SHUFFLE_TOKENS tokens (a long document's rows
+           spread over many batches), but a window never crosses a stage's end; then batched
+           by the stage's batch size.
 
 The iterator counts the batches it has produced (= steps done). When that count reaches a
 stage's start_step the stage's weights, seq_len and batch size take over; a new seq_len makes
@@ -27,22 +27,28 @@ StopIteration). `get_state()` is JSON-able (step, stage, draw counter, every sou
 and reader position, the shuffle window) and `set_state()` resumes with exactly the batches the
 original would have produced, mid-stage or across a switch.
 
-With one source and one stage the batches equal the single-source pipeline's
-(`pipeline.train_dataset`) exactly.
+With one source and one stage (no data.sources, no data.stages) this is the plain pipeline:
+data.train's documents, this process's shard, shuffled by data.seed each epoch, tokenized,
+packed, rows shuffled in windows (seed data.seed), batched.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from typing import Any
 
 import grain
 import numpy as np
 
+from jaxllm.data.batching import read_options
 from jaxllm.data.curriculum import Stage, mixture_sources, stage_index, stage_plan
-from jaxllm.data import pipeline
+from jaxllm.data.documents import Tokenize, open_source
 from jaxllm.data.packing import PackIterDataset
+
+# Tokens of packed rows shuffled together (memory ~20 bytes per token; a restore re-reads up to
+# one window). A long document fills many consecutive rows; shuffling rows within a window
+# spreads its rows over many batches, so one batch is not a few documents' consecutive chunks.
+ROW_SHUFFLE_TOKENS = 1 << 19
 
 _DRAW_BLOCK = 1024  # uniforms made per Philox call
 _DRAW_DOMAIN = 0x6D6978  # "mix": keeps the draw stream apart from other users of data.seed
@@ -240,21 +246,21 @@ class MixtureIterator:
 
     def _stream(self, cfg, tokenizer, spec, process_index: int, process_count: int) -> _SourceStream:
         d = cfg.data
-        source = pipeline.open_train_source(
-            dataclasses.replace(d, train=spec.train, text_field=spec.text_field or d.text_field))
+        source = open_source(spec.train, text_field=spec.text_field or d.text_field, strict=d.strict,
+                             eval_fraction=d.eval_fraction)
         if len(source) < process_count:
             raise ValueError(f"data source {spec.name!r}: {len(source)} training documents cannot be split "
                              f"over {process_count} processes")
         docs = grain.MapDataset.source(source)[process_index::process_count]
         num_docs = len(docs)
-        # The implicit source shuffles as the single-source pipeline does; named sources get a
+        # The implicit source (data.train) shuffles by data.seed itself; named sources get a
         # seed of their own (from the name, so reordering data.sources changes nothing).
         seed = d.seed if not d.sources else (d.seed + zlib.crc32(spec.name.encode("utf-8"))) % 2**32
         docs = docs.shuffle(seed=seed)
         if spec.on_exhaust == "repeat":
             docs = docs.repeat()
-        ids = docs.map(pipeline.Tokenize(tokenizer, d.add_bos, d.add_eos))
-        return _SourceStream(spec.name, ids.to_iter_dataset(pipeline._read_options(d.num_workers)), num_docs,
+        ids = docs.map(Tokenize(tokenizer, d.add_bos, d.add_eos))
+        return _SourceStream(spec.name, ids.to_iter_dataset(read_options(d.num_workers)), num_docs,
                              self.plan[0].seq_len, tokenizer.pad_id, method=d.packing,
                              split_policy=d.split_policy, buffer_docs=d.pack_buffer)
 
@@ -269,7 +275,7 @@ class MixtureIterator:
         # stages and nothing drawn is left over at a switch.
         limit = (self.plan[k + 1].start_step - st.start_step) * batch if k + 1 < len(self.plan) else None
         rows = _StageRows(self._mixer, _cdf(st.weights), limit)
-        window = max(batch, pipeline.ROW_SHUFFLE_TOKENS // st.seq_len)
+        window = max(batch, ROW_SHUFFLE_TOKENS // st.seq_len)
         seed = (self._seed + k * _STAGE_SEED_STRIDE) % 2**31 if k else self._seed
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=window, seed=seed)
         self._segment = rows.batch(batch, drop_remainder=True).__iter__()

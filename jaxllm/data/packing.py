@@ -23,7 +23,7 @@ keeps the first `seq_len + 1` tokens and counts the dropped ones.
 Every position with `loss_mask` 1 has the true next token of its own document as target, also
 across a split, and no position is wasted on a last token whose target is missing.
 
-Row contract (numpy, one row; grain's `.batch` stacks them):
+Row contract (jaxllm.data.rows; numpy, one row; grain's `.batch` stacks them):
   tokens, targets, positions, segment_ids: int32 [seq_len]; loss_mask: float32 [seq_len].
   segment_ids: 1, 2, ... per document piece in the row, 0 for padding.
   positions: 0, 1, ... within each piece. A continuation piece restarts at 0, so positions
@@ -50,6 +50,8 @@ from typing import Any
 
 import grain
 import numpy as np
+
+from jaxllm.data.rows import padding_row
 
 METHODS = ("greedy", "best_fit")
 SPLIT_POLICIES = ("split", "truncate")
@@ -135,23 +137,19 @@ class _PackerBase(grain.DatasetIterator):
 
     def _row(self, pieces: list[tuple[np.ndarray, int, int]]) -> dict[str, np.ndarray]:
         """A row from (document, first pair, number of pairs) pieces, in order."""
-        n = self._seq_len
-        tokens = np.full(n, self._pad_id, np.int32)
-        targets = np.full(n, self._pad_id, np.int32)
-        positions = np.zeros(n, np.int32)
-        segment_ids = np.zeros(n, np.int32)
+        row = padding_row(self._seq_len, self._pad_id)
         filled = 0
         for segment, (doc, start, take) in enumerate(pieces, 1):
-            tokens[filled:filled + take] = doc[start:start + take]
-            targets[filled:filled + take] = doc[start + 1:start + 1 + take]
-            positions[filled:filled + take] = self._arange[:take]
-            segment_ids[filled:filled + take] = segment
+            row["tokens"][filled:filled + take] = doc[start:start + take]
+            row["targets"][filled:filled + take] = doc[start + 1:start + 1 + take]
+            row["positions"][filled:filled + take] = self._arange[:take]
+            row["segment_ids"][filled:filled + take] = segment
             filled += take
+        row["loss_mask"][:filled] = 1.0  # pieces fill the row from its start; the rest is padding
         self.stats["rows"] += 1
         self.stats["real_tokens"] += filled
-        self.stats["pad_tokens"] += n - filled
-        return {"tokens": tokens, "targets": targets, "positions": positions,
-                "segment_ids": segment_ids, "loss_mask": (segment_ids > 0).astype(np.float32)}
+        self.stats["pad_tokens"] += self._seq_len - filled
+        return row
 
     def _restore_stats(self, state: dict[str, Any]) -> None:
         saved = state.get("stats", {})  # states saved before the counters existed have none

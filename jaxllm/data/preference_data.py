@@ -15,7 +15,7 @@ prompt unless the template puts it there itself.
 Truncation: a prompt longer than `preference.max_prompt_len` (> 0) keeps its end (and its BOS);
 then prompt + completion must fit `data.seq_len + 1` tokens, else the completion is cut at the
 end. A completion left without a token skips the record (reason "prompt leaves no room for a
-completion"). Rows are not packed: one sequence per row, padded to seq_len, with
+completion"). Rows are not packed: one sequence per row, padded to seq_len (`rows.sequence_row`):
   tokens, targets, positions (0..n-1), segment_ids (1 on real tokens, 0 on padding): int32;
   loss_mask float32, 1 where the target is a completion token.
 Bad records raise `chat.ConversationError` whose `reason` is the skip-count key; callers count
@@ -29,28 +29,29 @@ from typing import Any
 import numpy as np
 
 from jaxllm.data import chat
+from jaxllm.data.records import RecordSource
+from jaxllm.data.rows import padding_row, prefixed, sequence_row
 
 KTO_COMPLETION_FIELD = "completion"
 KTO_LABEL_FIELD = "label"
-PAIR_ROW_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 _TEXT_OR_MESSAGES = (str, list)
 
 
-def open_pairs(path_specs, pref_cfg, *, strict: bool = False) -> chat.RecordSource:
+def open_pairs(path_specs, pref_cfg, *, strict: bool = False) -> RecordSource:
     """Preference pairs of jsonl / parquet files, folders or globs, as a random-access source."""
     p = pref_cfg
     fields = {p.chosen_field: _TEXT_OR_MESSAGES, p.rejected_field: _TEXT_OR_MESSAGES}
     if p.margin_field:
         fields[p.margin_field] = (int, float)
-    return chat.RecordSource(path_specs, fields, {p.prompt_field: _TEXT_OR_MESSAGES}, strict=strict)
+    return RecordSource(path_specs, fields, {p.prompt_field: _TEXT_OR_MESSAGES}, strict=strict)
 
 
-def open_kto(path_specs, pref_cfg, *, strict: bool = False) -> chat.RecordSource:
+def open_kto(path_specs, pref_cfg, *, strict: bool = False) -> RecordSource:
     """Unpaired KTO examples (prompt, completion, label) as a random-access source."""
-    return chat.RecordSource(path_specs, {pref_cfg.prompt_field: _TEXT_OR_MESSAGES,
-                                          KTO_COMPLETION_FIELD: _TEXT_OR_MESSAGES,
-                                          KTO_LABEL_FIELD: (bool,)}, strict=strict)
+    return RecordSource(path_specs, {pref_cfg.prompt_field: _TEXT_OR_MESSAGES,
+                                     KTO_COMPLETION_FIELD: _TEXT_OR_MESSAGES,
+                                     KTO_LABEL_FIELD: (bool,)}, strict=strict)
 
 
 # ----------------------------------------------------------------------------- records -> messages
@@ -115,7 +116,7 @@ class PromptCompletionEncoder:
             raise ValueError(f"seq_len must be > 0, got {seq_len}")
         self.tokenizer = tokenizer
         self.template = chat.load_template(template, tokenizer)
-        self.encoder = chat._Encoder(tokenizer)
+        self.encoder = chat.ChatEncoder(tokenizer)
         self.seq_len, self.max_prompt_len, self.add_bos = seq_len, max_prompt_len, add_bos
 
     def encode(self, prompt: list[dict], reply: str) -> tuple[np.ndarray, np.ndarray]:
@@ -153,31 +154,6 @@ class PromptCompletionEncoder:
         return self.fit(self.truncate_prompt(p), c)
 
 
-def sequence_row(prompt: np.ndarray, completion: np.ndarray, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One unpacked row (see the module doc) of prompt + completion (at most seq_len + 1 tokens)."""
-    ids = np.concatenate([prompt, completion]).astype(np.int32)
-    n = len(ids) - 1
-    if not 1 <= n <= seq_len:
-        raise ValueError(f"a row needs 2 to {seq_len + 1} tokens, got {len(ids)}")
-    row = padding_row(seq_len, pad_id)
-    row["tokens"][:n] = ids[:-1]
-    row["targets"][:n] = ids[1:]
-    row["positions"][:n] = np.arange(n, dtype=np.int32)
-    row["segment_ids"][:n] = 1
-    row["loss_mask"][max(len(prompt) - 1, 0):n] = 1.0  # targets that are completion tokens
-    return row
-
-
-def padding_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    return {"tokens": np.full(seq_len, pad_id, np.int32), "targets": np.full(seq_len, pad_id, np.int32),
-            "positions": np.zeros(seq_len, np.int32), "segment_ids": np.zeros(seq_len, np.int32),
-            "loss_mask": np.zeros(seq_len, np.float32)}
-
-
-def _prefixed(prefix: str, row: dict) -> dict:
-    return {f"{prefix}{k}": v for k, v in row.items()}
-
-
 class PairBuilder:
     """A preference record -> the pair's row fields (chosen_*, rejected_*, and margin when
     preference.margin_field is set); ConversationError for a record to skip."""
@@ -192,7 +168,7 @@ class PairBuilder:
         prompt, chosen, rejected = pair_messages(record, self.pref)
         out = {}
         for name, reply in (("chosen_", chosen), ("rejected_", rejected)):
-            out.update(_prefixed(name, sequence_row(*self.encode(prompt, reply), self.seq_len, self.pad_id)))
+            out.update(prefixed(name, sequence_row(*self.encode(prompt, reply), self.seq_len, self.pad_id)))
         if self.pref.margin_field:
             margin = record.get(self.pref.margin_field)
             if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not np.isfinite(margin):
@@ -201,8 +177,8 @@ class PairBuilder:
         return out
 
     def padding(self) -> dict[str, np.ndarray]:
-        out = {**_prefixed("chosen_", padding_row(self.seq_len, self.pad_id)),
-               **_prefixed("rejected_", padding_row(self.seq_len, self.pad_id))}
+        out = {**prefixed("chosen_", padding_row(self.seq_len, self.pad_id)),
+               **prefixed("rejected_", padding_row(self.seq_len, self.pad_id))}
         if self.pref.margin_field:
             out["margin"] = np.float32(0.0)
         return out
@@ -226,9 +202,9 @@ class KTOBuilder:
             raise chat.ConversationError(f"KL partner: {e.reason}") from e
         out = sequence_row(*self.encode(prompt, reply), self.seq_len, self.pad_id)
         out["label"] = np.float32(label)
-        out.update(_prefixed("kl_", sequence_row(*self.encode(prompt, partner_reply), self.seq_len, self.pad_id)))
+        out.update(prefixed("kl_", sequence_row(*self.encode(prompt, partner_reply), self.seq_len, self.pad_id)))
         return out
 
     def padding(self) -> dict[str, np.ndarray]:
         row = padding_row(self.seq_len, self.pad_id)
-        return {**row, "label": np.float32(0.0), **_prefixed("kl_", padding_row(self.seq_len, self.pad_id))}
+        return {**row, "label": np.float32(0.0), **prefixed("kl_", padding_row(self.seq_len, self.pad_id))}

@@ -58,39 +58,39 @@ def _word(rng: random.Random) -> str:
             return w
 
 
-def make_problem(task: str, rng: random.Random) -> tuple[str, str]:
-    """(prompt, exact answer) of one random problem of `task`."""
-    if task == "add":
+def make_problem(kind: str, rng: random.Random) -> tuple[str, str]:
+    """(prompt, exact answer) of one random problem of `kind`."""
+    if kind == "add":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         return f"What is {a} + {b}?", str(a + b)
-    if task == "sub":
+    if kind == "sub":
         a, b = sorted((rng.randint(10, 999), rng.randint(10, 999)), reverse=True)
         return f"What is {a} - {b}?", str(a - b)
-    if task == "mul":
+    if kind == "mul":
         a, d = rng.randint(10, 999), rng.randint(2, 9)
         return f"What is {a} * {d}?", str(a * d)
-    if task == "reverse":
+    if kind == "reverse":
         w = _word(rng)
         return f"Reverse the word '{w}'.", w[::-1]
-    if task == "count":
+    if kind == "count":
         w = _word(rng)
         c = rng.choice(w) if rng.random() < 0.8 else rng.choice([x for x in string.ascii_lowercase if x not in w])
         return f"How many times does the letter '{c}' appear in '{w}'?", str(w.count(c))
-    if task == "upper":
+    if kind == "upper":
         w = _word(rng)
         return f"Write '{w}' in uppercase.", w.upper()
-    if task == "sort":
+    if kind == "sort":
         nums = rng.sample(range(1, 100), rng.randint(3, 4))
         if nums == sorted(nums):
             nums.reverse()
         return f"Sort from smallest to largest: {', '.join(map(str, nums))}.", ", ".join(map(str, sorted(nums)))
-    raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {kind!r}; tasks: {', '.join(TASKS)}")
 
 
-def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
-    """A plausible wrong answer to a problem of `task` whose right answer is `answer`."""
+def wrong_answer(kind: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer to a problem of `kind` whose right answer is `answer`."""
     for _ in range(100):
-        if task in ("add", "sub", "mul"):
+        if kind in ("add", "sub", "mul"):
             digits = list(answer)
             k = rng.randrange(len(digits))
             d = int(digits[k]) + rng.choice((-1, 1))
@@ -98,18 +98,18 @@ def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
                 continue
             digits[k] = str(d)
             out = "".join(digits)
-        elif task in ("reverse", "upper"):
+        elif kind in ("reverse", "upper"):
             if rng.random() < 0.5:  # the word as it was given
-                out = answer[::-1] if task == "reverse" else answer.lower()
-            elif task == "reverse":
+                out = answer[::-1] if kind == "reverse" else answer.lower()
+            elif kind == "reverse":
                 k = rng.randrange(len(answer) - 1)
                 out = answer[:k] + answer[k + 1] + answer[k] + answer[k + 2:]
             else:
                 k = rng.randrange(len(answer))
                 out = answer[:k] + answer[k].lower() + answer[k + 1:]
-        elif task == "count":
+        elif kind == "count":
             out = str(int(answer) + (1 if answer == "0" else rng.choice((-1, 1))))
-        elif task == "sort":
+        elif kind == "sort":
             nums = answer.split(", ")
             if rng.random() < 0.3:
                 out = ", ".join(reversed(nums))
@@ -118,26 +118,26 @@ def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
                 nums[k], nums[k + 1] = nums[k + 1], nums[k]
                 out = ", ".join(nums)
         else:
-            raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+            raise ValueError(f"unknown task {kind!r}; tasks: {', '.join(TASKS)}")
         if out != answer:
             return out
-    raise RuntimeError(f"no wrong answer found for {task} answer {answer!r}")
+    raise RuntimeError(f"no wrong answer found for {kind} answer {answer!r}")
 
 
 def _problems(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[str, str, str]]:
-    """n distinct (task, prompt, answer), tasks in turn, no prompt in `exclude` (which grows)."""
+    """n distinct (kind, prompt, answer), tasks in turn, no prompt in `exclude` (which grows)."""
     out = []
     attempts = 0
     while len(out) < n:
         attempts += 1
         if attempts > 100 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct problems; ask for fewer")
-        task = TASKS[len(out) % len(TASKS)]
-        prompt, answer = make_problem(task, rng)
+        kind = TASKS[len(out) % len(TASKS)]
+        prompt, answer = make_problem(kind, rng)
         if prompt in exclude:
             continue
         exclude.add(prompt)
-        out.append((task, prompt, answer))
+        out.append((kind, prompt, answer))
     rng.shuffle(out)
     return out
 
@@ -159,21 +159,21 @@ def generate(seed: int = 0, n_train: int = 10_000, n_eval: int = 200) -> dict[st
     splits = {"eval": _problems(rng, n_eval, seen), "train": _problems(rng, n_train, seen)}
     files: dict[str, list[dict]] = {}
     for split, problems in splits.items():
-        wrong = [wrong_answer(task, answer, rng) for task, _, answer in problems]
+        wrong = [wrong_answer(kind, answer, rng) for kind, _, answer in problems]
         lines = [f"Q: {prompt} A: {answer}" for _, prompt, answer in problems]
         files["pretrain.jsonl" if split == "train" else "pretrain_eval.jsonl"] = [
             {"text": "\n".join(lines[i:i + EXAMPLES_PER_DOCUMENT]) + "\n"}
             for i in range(0, len(lines), EXAMPLES_PER_DOCUMENT)]
         files[f"sft_{split}.jsonl"] = [
-            {"messages": [_user(prompt), _assistant(answer)], "negative": bad, "task": task, "answer": answer}
-            for (task, prompt, answer), bad in zip(problems, wrong)]
+            {"messages": [_user(prompt), _assistant(answer)], "negative": bad, "task": kind, "answer": answer}
+            for (kind, prompt, answer), bad in zip(problems, wrong)]
         files[f"pref_{split}.jsonl"] = [
             {"prompt": prompt, "chosen": [_user(prompt), _assistant(answer)],
-             "rejected": [_user(prompt), _assistant(bad)], "task": task, "answer": answer}
-            for (task, prompt, answer), bad in zip(problems, wrong)]
-        kto = [r for (task, prompt, answer), bad in zip(problems, wrong)
-               for r in ({"prompt": prompt, "completion": answer, "label": True, "task": task, "answer": answer},
-                         {"prompt": prompt, "completion": bad, "label": False, "task": task, "answer": answer})]
+             "rejected": [_user(prompt), _assistant(bad)], "task": kind, "answer": answer}
+            for (kind, prompt, answer), bad in zip(problems, wrong)]
+        kto = [r for (kind, prompt, answer), bad in zip(problems, wrong)
+               for r in ({"prompt": prompt, "completion": answer, "label": True, "task": kind, "answer": answer},
+                         {"prompt": prompt, "completion": bad, "label": False, "task": kind, "answer": answer})]
         rng.shuffle(kto)
         files[f"kto_{split}.jsonl"] = kto
     return files

@@ -23,7 +23,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from jaxllm.data import sources
+from jaxllm.data.documents import DocumentSource, open_source
+from jaxllm.data.files import file_lock, resolve_files, stdlib_root
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    @property
+    def model_proto(self) -> bytes:
+        """The SentencePiece model's bytes (what identifies the tokenizer)."""
+        return self._proto
 
     @property
     def vocab_size(self) -> int:
@@ -170,7 +176,7 @@ def _atomic_write(path: str, data: bytes) -> None:
         raise
 
 
-def sample_texts(source: sources.DocumentSource, max_chars: int, seed: int = 0) -> Iterator[str]:
+def sample_texts(source: DocumentSource, max_chars: int, seed: int = 0) -> Iterator[str]:
     """Documents of `source` in a seeded random order until about `max_chars` characters.
 
     Picks a random subset and reads it in index order (each parquet row group is decoded once),
@@ -192,30 +198,14 @@ def sample_texts(source: sources.DocumentSource, max_chars: int, seed: int = 0) 
 def _cache_key(data_cfg, vocab_size: int, settings: dict) -> str:
     files = []
     for spec in data_cfg.train:
-        for path in sources.resolve_files(spec, eval_fraction=data_cfg.eval_fraction):
+        for path in resolve_files(spec, eval_fraction=data_cfg.eval_fraction):
             # stdlib files by relative path: one key across Python installs of the same stdlib.
-            name = os.path.relpath(path, sources.stdlib_root()) if spec.startswith("stdlib:") else path
+            name = os.path.relpath(path, stdlib_root()) if spec.startswith("stdlib:") else path
             files.append((spec, name, os.path.getsize(path)))
     blob = json.dumps({"train": list(data_cfg.train), "text_field": data_cfg.text_field,
                        "eval_fraction": data_cfg.eval_fraction, "files": files,
                        "vocab_size": vocab_size, "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    """An exclusive lock so concurrent processes train the cached tokenizer once."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the atomic rename still keeps the cache sound
-        yield
-        return
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
@@ -243,11 +233,11 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
         os.makedirs(cache_dir, exist_ok=True)
         prefix = os.path.join(cache_dir, f"sp-bpe{vocab_size}-{_cache_key(data_cfg, vocab_size, settings)}")
         if not os.path.isfile(prefix + ".model"):
-            with _file_lock(prefix + ".lock"):
+            with file_lock(prefix + ".lock"):
                 if not os.path.isfile(prefix + ".model"):  # another process may have finished it
                     log.info("training a %d-piece tokenizer on %s", vocab_size, ", ".join(data_cfg.train))
-                    source = sources.open_source(data_cfg.train, text_field=data_cfg.text_field,
-                                                 strict=data_cfg.strict, eval_fraction=data_cfg.eval_fraction)
+                    source = open_source(data_cfg.train, text_field=data_cfg.text_field,
+                                         strict=data_cfg.strict, eval_fraction=data_cfg.eval_fraction)
                     train_sentencepiece(sample_texts(source, settings["max_chars"]), vocab_size, prefix,
                                         max_chars=settings["max_chars"])
         tok = Tokenizer(prefix + ".model")
