@@ -11,9 +11,13 @@ ended them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
+import jax
+
 from jaxllm.errors import UserError
+from jaxllm.kernels.attention import check_available
 from jaxllm.models import decode
 
 
@@ -96,6 +100,8 @@ def main(argv=None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature 0)")
+    parser.add_argument("--attention", help="decode with this model.attention instead of the run's "
+                        "(e.g. xla on a machine without the GPU the run used cudnn on)")
     args = parser.parse_args(argv)
 
     try:
@@ -117,6 +123,15 @@ def _run(args):
     from jaxllm.data.tokenizer import run_tokenizer
 
     cfg, params = load_run(args.checkpoint)
+    if args.attention:
+        try:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=args.attention))
+        except ValueError as e:
+            raise UserError(f"--attention: {e}") from None
+    try:
+        check_available(cfg.model.attention, jax.devices()[0].platform)
+    except ValueError as e:
+        raise UserError(f"{e} (--attention overrides the run's choice)") from None
     tokenizer = run_tokenizer(cfg, args.checkpoint)
     prompt_ids = [encode_prompt(cfg, tokenizer, p) for p in args.prompt]
     if any(not ids for ids in prompt_ids):

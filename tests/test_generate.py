@@ -400,3 +400,23 @@ def test_sample_text_and_generate_on_a_two_process_mesh(tmp_path):
         assert (g["text"], g["greedy"], g["tokens"]) == (want["text"], want["greedy"], want["tokens"])
         np.testing.assert_allclose(g["logps"], want["logps"], atol=1e-5)
     assert want["text"] and any(want["greedy"])
+
+
+def test_generate_cli_checks_the_attention_kernel_against_the_machine(trained_run):
+    """A run trained with cudnn attention, decoded on CPU: one line naming --attention, exit 2;
+    `--attention xla` decodes it."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    base, env, run_dir = trained_run
+    cmd = [sys.executable, "-m", "jaxllm.generate", "--checkpoint", str(run_dir), "--prompt", "def ",
+           "--max-new-tokens", "2", "--attention"]
+    proc = subprocess.run(cmd + ["cudnn"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr[-1500:]
+    assert "model.attention=cudnn needs an NVIDIA GPU" in proc.stderr and "--attention" in proc.stderr
+    proc = subprocess.run(cmd + ["flash"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "'flash' is not one of xla, cudnn, pallas" in proc.stderr
+    proc = subprocess.run(cmd + ["xla"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("def "), proc.stderr[-1500:]

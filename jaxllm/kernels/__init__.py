@@ -1,6 +1,10 @@
-"""Attention kernels: `attention` dispatches xla | cudnn | pallas; `flash_attention` is ours."""
+"""Attention kernels: `REGISTRY` (name -> platforms, kernel, decode function) and its dispatchers
+`attention` / `decode_attention`; `flash_attention` is ours (Pallas)."""
 
-from jaxllm.kernels.attention import attention, reference_attention
+from jaxllm.kernels.attention import (
+    REGISTRY, attention, check_available, decode_attention, reference_attention,
+)
 from jaxllm.kernels.flash_attention import flash_attention
 
-__all__ = ["attention", "flash_attention", "reference_attention"]
+__all__ = ["REGISTRY", "attention", "check_available", "decode_attention", "flash_attention",
+           "reference_attention"]
