@@ -21,7 +21,7 @@ import time
 
 from benchmarks.common import config_arg_parser, environment, write_results
 from jaxllm.config import load_config_or_report
-from jaxllm.data import prepare, sources
+from jaxllm.data import documents, prepare
 from jaxllm.data.packing import packing_stats
 from jaxllm.data.pipeline import make_train_iterator
 from jaxllm.data.tokenizer import load_tokenizer
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         prepared = args.prepared
         if prepared is None:
             prepared = os.path.join(tmp, "prepared")
-            source = sources.open_source(d.train, text_field=d.text_field, strict=d.strict,
+            source = documents.open_source(d.train, text_field=d.text_field, strict=d.strict,
                                          eval_fraction=d.eval_fraction)
             timings = {}
             manifest = prepare.prepare(source, tokenizer, prepared, add_bos=d.add_bos, add_eos=d.add_eos,

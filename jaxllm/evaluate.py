@@ -62,27 +62,26 @@ def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_
 
 def preference_accuracy(cfg, params, tokenizer, pairs_file: str) -> dict:
     """Chosen-over-rejected log-prob accuracy and mean margin on a pairs file."""
-    from jaxllm.data import tasks
+    from jaxllm.data import posttrain
+    from jaxllm.data.rows import ROW_FIELDS
     from jaxllm.objectives.lm import sequence_logps
 
-    pair_cfg = dataclasses.replace(cfg, task="dpo", data=dataclasses.replace(cfg.data, eval=(pairs_file,)),
-                                   preference=dataclasses.replace(cfg.preference, loss_type="sigmoid"))
+    pair_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval=(pairs_file,)))
 
     @jax.jit
     def logps(params, batch):
         def side(prefix):
-            return sequence_logps(cfg.model, params, *(batch[f"{prefix}_{k}"] for k in
-                                  ("tokens", "targets", "positions", "segment_ids", "loss_mask")))[0]
+            return sequence_logps(cfg.model, params, *(batch[f"{prefix}_{k}"] for k in ROW_FIELDS))[0]
         return side("chosen"), side("rejected")
 
     from jaxllm.data import synthetic
 
     records = synthetic.read_jsonl(pairs_file) if pairs_file.endswith(".jsonl") else []
     task_of = [r.get("task") for r in records]
-    if len(task_of) != tasks.split_size(pair_cfg, tokenizer, "eval"):
+    if len(task_of) != posttrain.split_size(pair_cfg, "pairs", "eval"):
         task_of = []  # malformed lines were dropped: indices no longer line up with the file
     wins, margins, by_task = [], [], {}
-    for batch in tasks.iterate_split_once(pair_cfg, tokenizer, "eval", process_index=0, process_count=1):
+    for batch in posttrain.split_pass(pair_cfg, tokenizer, "pairs", "eval", process_index=0, process_count=1):
         c, r = (np.asarray(x) for x in logps(params, batch))
         for i in np.flatnonzero(batch["index"] >= 0):
             wins.append(bool(c[i] > r[i]))

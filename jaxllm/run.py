@@ -155,7 +155,7 @@ def trim_metrics(run_dir: str, last_step: int) -> None:
 def _epoch_fingerprint(cfg, tokenizer) -> dict:
     """What one epoch's batch count depends on; a cached count with another fingerprint is stale.
     Files by path, size and mtime: a stat each, not another pass over the records."""
-    from jaxllm.data.sources import resolve_files
+    from jaxllm.data.files import resolve_files
 
     d = cfg.data
     files = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for spec in d.train for f in resolve_files(spec)]

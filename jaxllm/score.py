@@ -23,6 +23,7 @@ import sys
 import jax
 import numpy as np
 
+from jaxllm.data import rows
 from jaxllm.errors import UserError, run_cli
 from jaxllm.objectives.reward import RewardObjective, reward_scores
 
@@ -62,7 +63,7 @@ class RowEncoder:
     def __init__(self, cfg, tokenizer):
         from jaxllm.data import chat, preference_data
 
-        self.chat, self.pd = chat, preference_data
+        self.chat = chat
         template = chat.load_template(cfg.sft.template, tokenizer)
         self.encoder = preference_data.PromptCompletionEncoder(
             tokenizer, template, seq_len=cfg.data.seq_len, max_prompt_len=cfg.preference.max_prompt_len,
@@ -78,7 +79,7 @@ class RowEncoder:
         except self.chat.ConversationError as e:
             raise ScoreError(f"{where}: {e}") from None
         self.truncated += (len(p), len(c)) != tuple(map(len, full))
-        return self.pd.sequence_row(p, c, self.seq_len, self.pad_id)
+        return rows.sequence_row(p, c, self.seq_len, self.pad_id)
 
 
 def read_records(path: str) -> list[tuple[str, dict]]:

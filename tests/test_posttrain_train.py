@@ -113,10 +113,10 @@ def test_reward_model_learns_and_starts_at_log2(data, tmp_path):
     assert summary["final_eval_loss"] < summary["initial_eval_loss"]
     assert summary["final_eval"]["eval_accuracy"] > 0.5
     from jaxllm.config import load_config
-    from jaxllm.data import tasks
+    from jaxllm.data import posttrain
     from jaxllm.data.tokenizer import Tokenizer
 
-    per_epoch = tasks.batches_per_epoch(cfg, Tokenizer(data["tokenizer"]))["batches"]
+    per_epoch = posttrain.batches_per_epoch(cfg, Tokenizer(data["tokenizer"]), "pairs")["batches"]
     saved = load_config(str(tmp_path / "rm" / "config.yaml")).trainer
     assert per_epoch > 24 and (saved.epochs, saved.total_steps) == (0, math.ceil(per_epoch / 2))
     assert max(_losses(cfg.trainer.run_dir)) == saved.total_steps

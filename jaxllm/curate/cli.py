@@ -6,7 +6,7 @@
       [--set gopher_min_words=20 ...]
   python -m jaxllm.curate train-quality (--labelled ex.jsonl | --positive good/ --negative bad/) --out q.json
 
-Inputs are anything `jaxllm.data.sources.open_source` reads (.txt .py .md .jsonl .parquet files,
+Inputs are anything `jaxllm.data.documents.open_source` reads (.txt .py .md .jsonl .parquet files,
 folders, globs, stdlib:train). Settings: defaults < --config YAML < flags; `--set key=value`
 sets any config key (see jaxllm/curate/config.py). Exit status 2 on a bad setting.
 """

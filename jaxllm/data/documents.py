@@ -149,10 +149,6 @@ class _FieldDocuments:
         self.skipped = skips.counts
         skips.report(describe(self.files), len(self))
 
-    @property
-    def _file_ids(self) -> np.ndarray:  # the old name, read by jaxllm/curate/origin.py until it reads file_ids
-        return self.file_ids
-
     def __len__(self) -> int:
         return len(self._reader)
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxllm.data.rows import ROW_FIELDS
 from jaxllm.objectives.base import NoExtraParams, safe_div
 from jaxllm.objectives.lm import sequence_logps
 from jaxllm.objectives.preference import LOSSES, check_hparams, kto_kl_estimate, kto_loss, preference_loss
 
-ROW_FIELDS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
 def batch_rows(batch: dict, prefix: str) -> list:

@@ -36,8 +36,9 @@ class BatchSource(Protocol):
 
     def set_state(self, saved: dict) -> None: ...
 
-    def stats(self) -> dict:
-        """Numbers logged with the step's metrics (tokens per source, padding, ...)."""
+    def stats(self, step: int) -> dict:
+        """Numbers logged with step `step`'s metrics (tokens per source, rewards, ...); asked
+        when that step is logged, after the next batch was made."""
 
 
 class IteratorSource:
@@ -56,7 +57,8 @@ class IteratorSource:
     def set_state(self, saved: dict) -> None:
         self.iterator.set_state(saved)
 
-    def stats(self) -> dict:
+    def stats(self, step: int) -> dict:
+        """The iterator's running counters (so far, including the batch made after `step`)."""
         return self._stats(self.iterator) if self._stats else {}
 
 

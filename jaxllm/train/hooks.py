@@ -68,7 +68,7 @@ class StepLogger:
                 m["mfu"] = self.flops_per_token * m["tokens"] / dt / (self.peak * 1e12 * jax.device_count())
             self.last_time, self.last_step, self.paused = now, p_step, 0.0
             self.summary["last_loss"] = m["loss"]
-            self.logger.log(p_step, m | self.stats(), advance=1)
+            self.logger.log(p_step, m | self.stats(p_step), advance=1)
             self.pending = None
         if step % self.every == 0 or step == self.total_steps:
             self.pending = (step, metrics)
@@ -84,7 +84,7 @@ class StepLogger:
             return
         m = {k: float(v) for k, v in jax.device_get(self.pending[1]).items()}
         self.summary["last_loss"] = m["loss"]
-        self.logger.log(self.pending[0], m | self.stats(), advance=1)
+        self.logger.log(self.pending[0], m | self.stats(self.pending[0]), advance=1)
         self.pending = None
 
 

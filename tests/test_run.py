@@ -1,15 +1,13 @@
-"""trainer.epochs through the post-training data (kept here until it moves with resolve_epochs).
-
-`jaxllm.data.tasks` is now `jaxllm.data.posttrain`, whose functions take the data format; this
-test still calls `jaxllm.train.resolve_epochs` and counts its `batches_per_epoch` calls.
-"""
+"""Run directories (`jaxllm.run`): trainer.epochs is counted once per data setting and kept in
+RUN_DIR/epoch_size.json."""
 
 import json
 
 import pytest
 
 from jaxllm.config import Config, build
-from jaxllm.data import posttrain as tasks
+from jaxllm import run as run_lib
+from jaxllm.data import posttrain
 from jaxllm.data.tokenizer import Tokenizer, train_sentencepiece
 
 WORDS = ["apple", "river", "stone", "cloud", "seven", "green", "tiger", "piano", "eleven", "house", "lemon", "quiet"]
@@ -62,7 +60,6 @@ def _pair_records(n=12):
 
 
 def test_resolve_epochs_counts_once_per_data_setting(tmp_path, sp, monkeypatch):
-    from jaxllm import train as train_lib
     from jaxllm.config import ConfigError
 
     path = _write(tmp_path / "pairs.jsonl", _pair_records(14))
@@ -70,24 +67,24 @@ def test_resolve_epochs_counts_once_per_data_setting(tmp_path, sp, monkeypatch):
                schedule={"warmup_steps": 1})
     run = tmp_path / "run"
     run.mkdir()
-    resolved = train_lib.resolve_epochs(cfg, sp, str(run), log=lambda _: None)
+    resolved = run_lib.resolve_epochs(cfg, sp, str(run), log=lambda _: None)
     assert (resolved.trainer.total_steps, resolved.trainer.epochs) == (8, 0.0)  # ceil(2.5 * 3)
     counted = []
-    real = tasks.batches_per_epoch
-    monkeypatch.setattr(tasks, "batches_per_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
-    assert train_lib.resolve_epochs(cfg, sp, str(run), log=lambda _: None) == resolved
+    real = posttrain.batches_per_epoch
+    monkeypatch.setattr(posttrain, "batches_per_epoch", lambda *a, **k: counted.append(1) or real(*a, **k))
+    assert run_lib.resolve_epochs(cfg, sp, str(run), log=lambda _: None) == resolved
     assert not counted  # read from RUN_DIR/epoch_size.json
     bigger = _cfg("reward", path, seq_len=128, batch=6, trainer={"batch_size": 6, "epochs": 1},
                   schedule={"warmup_steps": 1})
-    assert train_lib.resolve_epochs(bigger, sp, str(run), log=lambda _: None).trainer.total_steps == 2
+    assert run_lib.resolve_epochs(bigger, sp, str(run), log=lambda _: None).trainer.total_steps == 2
     assert counted == [1]  # another batch size: counted again
     with pytest.raises(ConfigError, match="warmup_steps"):
-        train_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=4, trainer={"batch_size": 4, "epochs": 1}),
-                                 sp, str(run), log=lambda _: None)
+        run_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=4, trainer={"batch_size": 4, "epochs": 1}),
+                               sp, str(run), log=lambda _: None)
     with pytest.raises(ConfigError, match="not one full batch"):
-        train_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=16, trainer={"batch_size": 16, "epochs": 1},
-                                      schedule={"warmup_steps": 1}), sp, str(run), log=lambda _: None)
+        run_lib.resolve_epochs(_cfg("reward", path, seq_len=128, batch=16, trainer={"batch_size": 16, "epochs": 1},
+                                    schedule={"warmup_steps": 1}), sp, str(run), log=lambda _: None)
     before = len(counted)
     _write(tmp_path / "pairs.jsonl", _pair_records(14) + _pair_records(6))  # the data changed
-    assert train_lib.resolve_epochs(bigger, sp, str(run), log=lambda _: None).trainer.total_steps == 3
+    assert run_lib.resolve_epochs(bigger, sp, str(run), log=lambda _: None).trainer.total_steps == 3
     assert len(counted) == before + 1
