@@ -22,6 +22,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.frozendict import FrozenDict
 from jaxllm.models.llama import ModelConfig, RopeScaling
 from jaxllm.models.lora import LoraConfig
+from jaxllm.rl.config import RLConfig
 from jaxllm import tasks
 
 
@@ -199,6 +200,7 @@ class Config:
     sft: SFTConfig = SFTConfig()
     preference: PreferenceConfig = PreferenceConfig()
     lora: LoraConfig = LoraConfig()
+    rl: RLConfig = RLConfig()
 
 
 # ----------------------------------------------------------------------------- YAML and overrides
@@ -456,6 +458,6 @@ def dump_yaml(cfg, path: str) -> None:
 __all__ = [
     "Config", "ConfigError", "DataConfig", "OptimizerConfig", "ScheduleConfig", "TrainerConfig",
     "MeshConfig", "CheckpointConfig", "LoggingConfig", "ModelConfig", "RopeScaling", "SFTConfig",
-    "PreferenceConfig", "LoraConfig", "SourceConfig", "StageConfig", "FrozenDict",
+    "PreferenceConfig", "LoraConfig", "RLConfig", "SourceConfig", "StageConfig", "FrozenDict",
     "load_config", "load_config_or_report", "build", "validate", "to_dict", "dump_yaml", "apply_override",
 ]

@@ -1,0 +1,1 @@
+"""On-policy RL: rollouts, rewards, advantage estimators, low-probability-token methods."""
