@@ -47,6 +47,30 @@ def chunked_logits_sum(hidden_BTD, w_DV, fn, arrays, chunk_size: int):
     return out
 
 
+def chunked_token_stats(hidden_BTD, w_DV, targets_BT, chunk_size: int, temperature: float = 1.0):
+    """(log p(target) [B, T], entropy [B, T]) per position, fp32, of softmax(logits / temperature).
+
+    Like `chunked_logits_sum`, each chunk's logits exist only while it is reduced (and are
+    recomputed in the backward pass); here the per-position results are kept, not summed."""
+    B, T, D = hidden_BTD.shape
+    c = min(chunk_size, T)
+    pad = (-T) % c
+    h = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, c, D).swapaxes(0, 1)
+    y = jnp.pad(targets_BT, ((0, 0), (0, pad))).reshape(B, -1, c).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk(h_BcD, y_Bc):
+        logits = jnp.einsum("BCD,DV->BCV", h_BcD, w_DV, preferred_element_type=jnp.float32) / temperature
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        logp = jnp.take_along_axis(logits, y_Bc[..., None], axis=-1)[..., 0] - lse
+        entropy = lse - jnp.sum(jax.nn.softmax(logits, axis=-1) * logits, axis=-1)
+        return logp, entropy
+
+    _, (logp, entropy) = jax.lax.scan(lambda _, xs: (None, chunk(*xs)), None, (h, y))
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    return unchunk(logp), unchunk(entropy)
+
+
 def target_logps(logits_BcV, y_Bc):
     """log p(target) per position from fp32 logits."""
     lse = jax.nn.logsumexp(logits_BcV, axis=-1)
