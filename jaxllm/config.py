@@ -22,6 +22,7 @@ from jaxllm.errors import ConfigError
 from jaxllm.frozendict import FrozenDict
 from jaxllm.models.llama import ModelConfig, RopeScaling
 from jaxllm.models.lora import LoraConfig
+from jaxllm.optim import check_schedule
 from jaxllm.rl.config import RLConfig
 from jaxllm import tasks
 
@@ -384,10 +385,10 @@ def validate(cfg: Config) -> None:
         (cfg.logging.every_steps > 0, "logging.every_steps must be > 0"),
         (0.0 <= cfg.schedule.decay_fraction <= 1.0, "schedule.decay_fraction must be in [0, 1]"),
         (0.0 <= cfg.schedule.warmup_ratio < 1.0, "schedule.warmup_ratio must be in [0, 1)"),
-        # With epochs or total_tokens, total_steps is known later (checked again then).
-        (cfg.schedule.warmup_ratio > 0 or t.epochs > 0 or t.total_tokens > 0
-         or 0 <= cfg.schedule.warmup_steps <= t.total_steps,
-         "schedule.warmup_steps must be between 0 and trainer.total_steps"),
+        (cfg.schedule.warmup_steps >= 0, "schedule.warmup_steps must be >= 0"),
+        (cfg.optimizer.lr > 0, "optimizer.lr must be > 0"),
+        (0.0 <= cfg.optimizer.b1 < 1.0 and 0.0 <= cfg.optimizer.b2 < 1.0,
+         "optimizer.b1 and optimizer.b2 must be in [0, 1)"),
         (0.0 < d.eval_fraction < 1.0, "data.eval_fraction must be in (0, 1)"),
         (all(x == -1 or x > 0 for x in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)),
          "mesh.data, mesh.fsdp and mesh.tensor must be positive or -1"),
@@ -398,6 +399,9 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    # With epochs or total_tokens, total_steps is known later: validate runs again then.
+    length_known = t.epochs <= 0 and t.total_tokens <= 0
+    check_schedule(cfg.optimizer, cfg.schedule, t.total_steps if length_known else None)
     tasks.validate(cfg)
     curriculum.validate_mixture(cfg)
 

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxllm.errors import ConfigError
+
 # Norm gains and biases are not decayed (as in GPT-2, Llama and TRL's default).
 NO_DECAY = frozenset({"attn_norm", "mlp_norm", "final_norm", "bq", "bk", "bv"})
 
@@ -64,8 +66,29 @@ def warmup_steps(sched_cfg, total_steps: int) -> int:
     return sched_cfg.warmup_steps
 
 
+def check_schedule(opt_cfg, sched_cfg, total_steps: int | None) -> None:
+    """ConfigError naming the keys when the schedule would rise instead of decay (min_lr above the
+    peak) or, given the run's `total_steps` optimizer steps, its warmup and decay do not fit."""
+    s = sched_cfg
+    if s.min_lr < 0 or s.min_lr > opt_cfg.lr:
+        raise ConfigError(f"schedule.min_lr ({s.min_lr:g}) must be between 0 and optimizer.lr ({opt_cfg.lr:g}); "
+                          "above it the learning rate would rise during the decay")
+    if total_steps is None:
+        return
+    warmup = warmup_steps(s, total_steps)
+    decay = int(round(s.decay_fraction * total_steps)) if s.name == "wsd" else 0
+    if warmup + decay > total_steps:
+        parts = [f"the warmup (schedule.warmup_ratio {s.warmup_ratio:g} of the run = {warmup} steps)"
+                 if s.warmup_ratio > 0 else f"the warmup (schedule.warmup_steps {warmup})"]
+        if decay:
+            parts.append(f"the decay (schedule.decay_fraction {s.decay_fraction:g} of the run = {decay} steps)")
+        raise ConfigError(f"{' and '.join(parts)} {'take' if decay else 'takes'} {warmup + decay} steps, more "
+                          f"than trainer.total_steps ({total_steps})")
+
+
 def make_schedule(opt_cfg, sched_cfg, total_steps: int) -> optax.Schedule:
     s = sched_cfg
+    check_schedule(opt_cfg, s, total_steps)
     warmup = warmup_steps(s, total_steps)
     if s.name == "wsd":
         return wsd_schedule(opt_cfg.lr, total_steps, warmup, s.decay_fraction, s.decay_shape, s.min_lr)

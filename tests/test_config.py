@@ -92,9 +92,10 @@ trainer: {{batch_size: 4, total_tokens: {10 * 128 + 5 * 512 + 1}}}
         load_config(str(tmp_path / "t.yaml"), ["trainer.total_tokens=1000"])
     with pytest.raises(ConfigError, match="trainer.total_tokens is for pretraining"):
         load_config(os.path.join(ROOT, "configs", "recipes", "tulu3-8b-sft.yaml"), ["trainer.total_tokens=9"])
-    # The SmolLM2 recipe: 2T + 20B tokens at 524288 per step, stage starts rounded up to whole steps.
-    smol = load_config(os.path.join(ROOT, "configs", "recipes", "smollm2-135m-4stage.yaml")).trainer
-    assert smol.total_steps == 3852845
+    # The SmolLM2-1.7B recipe run for the paper's round 11T tokens at 2,097,152 per step in every stage.
+    smol = load_config(os.path.join(ROOT, "configs", "recipes", "smollm2-1.7b-pretrain.yaml"),
+                       ["trainer.total_tokens=11000000000000"]).trainer
+    assert smol.total_steps == -(-11_000_000_000_000 // 2_097_152) == 5245209
 
 
 def test_cli_bad_key_is_one_line_without_traceback():
