@@ -62,16 +62,17 @@ class MetricsLogger:
         if self._bar is not None:
             if advance:
                 self._bar.update(advance)
-            if "eval_loss" in clean:
-                extra = {"eval_ppl": "perplexity", "eval_accuracy": "accuracy",
-                         "eval_rewards/accuracies": "reward accuracy", "eval_rewards/margins": "reward margin"}
-                shown = ", ".join(f"{name} {clean[k]:.4g}" for k, name in extra.items() if k in clean)
-                self._bar.write(f"step {step}: eval loss {clean['eval_loss']:.4f}" + (f", {shown}" if shown else ""))
+            if any(k.startswith("eval_") for k in clean):
+                names = {"eval_loss": "loss", "eval_ppl": "perplexity", "eval_accuracy": "accuracy",
+                         "eval_rewards/accuracies": "reward accuracy", "eval_rewards/margins": "reward margin",
+                         "eval_reward": "reward"}
+                shown = ", ".join(f"{name} {clean[k]:.4g}" for k, name in names.items() if clean.get(k) is not None)
+                self._bar.write(f"step {step}: eval {shown}")
                 return
             shown = {k: clean[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
             self._bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in shown.items()},
                                   refresh=True)
-        elif "loss" in clean or "eval_loss" in clean:
+        elif "loss" in clean or any(k.startswith("eval_") for k in clean):
             print(json.dumps({"step": step, **clean}), flush=True)
 
     def advance(self, n: int) -> None:

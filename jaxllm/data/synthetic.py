@@ -10,6 +10,8 @@
                                         message lists ending with the reply), `task`, `answer`
   kto_train.jsonl, kto_eval.jsonl       `prompt`, `completion`, `label`: every problem twice,
                                         once with the right answer (true), once a wrong one
+  rl_train.jsonl, rl_eval.jsonl         Tülu 3 RLVR records: `messages` (the user question),
+                                        `ground_truth` (the answer), `dataset` "exact", `task`
 
 Problems (`TASKS`): 2-3 digit addition and subtraction (non-negative results), multiplication of a
 2-3 digit number by a digit 2-9, reversing a short word, counting a letter in a word, uppercasing a
@@ -176,6 +178,9 @@ def generate(seed: int = 0, n_train: int = 10_000, n_eval: int = 200) -> dict[st
                          {"prompt": prompt, "completion": bad, "label": False, "task": kind, "answer": answer})]
         rng.shuffle(kto)
         files[f"kto_{split}.jsonl"] = kto
+        files[f"rl_{split}.jsonl"] = [
+            {"messages": [_user(prompt)], "ground_truth": answer, "dataset": "exact", "task": kind}
+            for kind, prompt, answer in problems]
     return files
 
 

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxllm.models import init_params, param_axes
+from jaxllm.optim import make_optimizer
 from jaxllm.tasks import params as params_lib
 
 
@@ -71,6 +72,8 @@ class RunContext:
     to_global: Callable[[dict], dict]  # per-process numpy rows -> global arrays sharded over batch
     initial_params: Callable[[], dict]  # the run's model params before step 1 (sharded, built once)
     log: Callable[[str], None] = print
+    trainer: Any = None  # the compiled train.step.Trainer (mesh, effective params), for on-policy sources
+    load_run: Callable[[str], tuple] | None = None  # jaxllm.run.load_run, for tasks that read other runs
 
 
 class Task(abc.ABC):
@@ -88,6 +91,11 @@ class Task(abc.ABC):
     # makes several; every other task one).
     update_epochs: int = 1
     mini_batches: int = 1
+    # Each mini-batch is updated once per entry, with the batch field it names as the loss mask
+    # ("" keeps loss_mask): Lopti updates the low-probability tokens, then the others.
+    update_passes: tuple[str, ...] = ("",)
+    # Whether `edit_initial_params` changes the run's initial params (e.g. a critic's init).
+    edits_initial_params: ClassVar[bool] = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -133,6 +141,14 @@ class Task(abc.ABC):
     def decay_mask(self):
         return params_lib.decay_mask(self.cfg.lora)
 
+    def make_optimizer(self, schedule, total_updates: int):
+        """The optimizer of the trainable params (one AdamW; a task with a critic adds its own)."""
+        return make_optimizer(self.cfg.optimizer, schedule, decay_mask=self.decay_mask())
+
+    def edit_initial_params(self, host_params: dict, load_run) -> dict:
+        """The run's initial model params (host, after model.init_from) as the task wants them."""
+        return host_params
+
     # ------------------------------------------------------------------ models and shapes
 
     def model_at(self, step: int):
@@ -162,6 +178,11 @@ class Task(abc.ABC):
         raise TypeError(f"task {self.name} does not count epochs")
 
     # ------------------------------------------------------------------ metrics
+
+    def evaluate(self, trainer, state, batches) -> dict[str, float]:
+        """Eval metrics (keyed eval_<name>) of one eval set: by default the objective's loss and
+        statistics over the fixed batches (`Trainer.loss_metrics`)."""
+        return trainer.loss_metrics(state, batches)
 
     def eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """Finalized eval metrics -> what is logged, without the eval_ prefix."""

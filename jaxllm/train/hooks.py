@@ -101,7 +101,9 @@ class Evaluator:
             metrics = trainer.evaluate(state, batches)
             out |= metrics if not name else {f"{k}/{name}": v for k, v in metrics.items()}
         key = "initial" if initial else "final"
-        self.summary[f"{key}_eval"], self.summary[f"{key}_eval_loss"] = out, out["eval_loss"]
+        self.summary[f"{key}_eval"] = out
+        if "eval_loss" in out:
+            self.summary[f"{key}_eval_loss"] = out["eval_loss"]
         self.logger.log(step, out)
         return out
 

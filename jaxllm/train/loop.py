@@ -35,8 +35,12 @@ def _initial_params_once(trainer: Trainer):
     def get():
         if not made:
             model = trainer.init_model(trainer.keys.model)
-            if trainer.cfg.model.init_from:
-                model = trainer.layout.place(run_lib.load_initial_params(trainer.cfg, jax.device_get(model)))
+            task = trainer.task
+            if trainer.cfg.model.init_from or task.edits_initial_params:
+                host = jax.device_get(model)
+                if trainer.cfg.model.init_from:
+                    host = run_lib.load_initial_params(trainer.cfg, host)
+                model = trainer.layout.place(task.edit_initial_params(host, run_lib.load_run))
             made.append(model)
         return made[0]
 
@@ -75,7 +79,8 @@ def train(cfg) -> dict:
     ckpt = Checkpointer(t.run_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save) \
         if cfg.checkpoint.enabled else None
     initial_params = _initial_params_once(trainer)
-    ctx = RunContext(t.run_dir, tokenizer, trainer.to_global, initial_params, _log_on_process_0)
+    ctx = RunContext(t.run_dir, tokenizer, trainer.to_global, initial_params, _log_on_process_0, trainer=trainer,
+                     load_run=run_lib.load_run)
     task.prepare(ctx)
     source, eval_sets = task.train_source(ctx), task.eval_sets(ctx)
     state, start = _restore_or_init(trainer, ckpt, source, initial_params)

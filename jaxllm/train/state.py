@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from jaxllm.parallel.mesh import tree_shardings
-from jaxllm.tasks.params import run_keys, split_model_params
+from jaxllm.tasks.params import run_keys
 
 
 @struct.dataclass
@@ -58,13 +58,29 @@ class StateLayout:
 
     def _state_shardings(self, abstract_state) -> TrainState:
         params = tree_shardings(self.mesh, self.task.trainable_axes(abstract_state.params), _shapes(abstract_state.params))
-        # Optimizer moments mirror the params' shardings; counters are replicated.
-        opt = optax.tree_map_params(self.tx, lambda _, s: s, abstract_state.opt_state, params,
-                                    transform_non_params=lambda _: self.replicated,
-                                    is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-        decoder, _ = split_model_params(self.task.cfg.model, self.model_shardings)
-        frozen = {k: (decoder if k == "base" else self.model_shardings) for k in abstract_state.frozen}
+        opt = self._mirror(abstract_state.opt_state, abstract_state.params, params)
+        # A frozen tree (LoRA base, reference) holds some of the model params' top-level entries.
+        frozen = {name: {k: self.model_shardings[k] for k in tree} for name, tree in abstract_state.frozen.items()}
         return TrainState(step=self.replicated, params=params, opt_state=opt, rng=self.replicated, frozen=frozen)
+
+    def _mirror(self, abstract_opt, abstract_params, param_shardings):
+        """Optimizer-state shardings: a leaf whose key path ends with a param's path and has its
+        shape (Adam's moments, also inside optax.multi_transform's partitions) takes that param's
+        sharding; counters and the rest are replicated."""
+        by_path = {}
+        for (path, a), s in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                jax.tree.leaves(param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))):
+            by_path[tuple(map(str, path))] = (a.shape, s)
+
+        def sharding(path, leaf):
+            keys = tuple(map(str, path))
+            for start in range(len(keys)):
+                shape, s = by_path.get(keys[start:], (None, None))
+                if s is not None and shape == leaf.shape:
+                    return s
+            return self.replicated
+
+        return jax.tree_util.tree_map_with_path(sharding, abstract_opt)
 
     def fresh_state(self, model_params=None) -> TrainState:
         """Step-0 state from the seed, or from given model params (e.g. `model.init_from`)."""

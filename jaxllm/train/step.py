@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxllm.optim import make_optimizer, make_schedule
+from jaxllm.optim import make_schedule
 from jaxllm.parallel.mesh import activation_sharding, batch_sharding
 from jaxllm.tasks import make_task
 from jaxllm.train.state import StateLayout, TrainState
@@ -42,9 +42,11 @@ class Trainer:
         self.task = task or make_task(cfg)
         self.objective = self.task.objective
         self.update_epochs, self.mini_batches = self.task.update_epochs, self.task.mini_batches
-        self.updates_per_step = self.update_epochs * self.mini_batches
-        self.schedule = make_schedule(cfg.optimizer, cfg.schedule, cfg.trainer.total_steps * self.updates_per_step)
-        self.tx = make_optimizer(cfg.optimizer, self.schedule, decay_mask=self.task.decay_mask())
+        self.passes = self.task.update_passes
+        self.updates_per_step = self.update_epochs * self.mini_batches * len(self.passes)
+        total_updates = cfg.trainer.total_steps * self.updates_per_step
+        self.schedule = make_schedule(cfg.optimizer, cfg.schedule, total_updates)
+        self.tx = self.task.make_optimizer(self.schedule, total_updates)
         self.layout = StateLayout(self.task, self.tx, mesh)
         self.keys, self.abstract_state = self.layout.keys, self.layout.abstract_state
         self.model_shardings, self.state_shardings = self.layout.model_shardings, self.layout.state_shardings
@@ -108,7 +110,8 @@ class Trainer:
 
     def _multi_update(self, state: TrainState, batch):
         """`update_epochs` passes over `batch` in `mini_batches` shuffled mini-batches, one
-        optimizer update each; metrics are averaged over the updates (tokens summed per pass)."""
+        optimizer update each (one per entry of the task's `update_passes`, each with its own loss
+        mask); metrics are averaged over the updates (tokens summed per epoch)."""
         shuffle_rng, update_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
         rows, parts = _rows(batch), self.mini_batches
         if rows % parts:
@@ -121,9 +124,14 @@ class Trainer:
 
             def mini(carry, xs):
                 k, mb = xs
-                index = (state.step * self.update_epochs + e) * parts + k
-                p, o, m = self._update(*carry, state.frozen, mb, jax.random.fold_in(update_rng, index), index)
-                return (p, o), m
+                metrics = []
+                for j, field in enumerate(self.passes):
+                    index = ((state.step * self.update_epochs + e) * parts + k) * len(self.passes) + j
+                    mb_j = mb | {"loss_mask": mb[field]} if field else mb
+                    *carry, m = self._update(*carry, state.frozen, mb_j, jax.random.fold_in(update_rng, index), index)
+                    metrics.append(m)
+                return tuple(carry), jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *metrics) | {
+                    "tokens": sum(m["tokens"] for m in metrics)}
 
             return jax.lax.scan(mini, (params, opt_state), (jnp.arange(parts), minis))
 
@@ -145,7 +153,11 @@ class Trainer:
                 for k, v in local_batch.items()}
 
     def evaluate(self, state: TrainState, batches) -> dict:
-        """The task's eval metrics over fixed per-process batches, keyed eval_<name>."""
+        """The task's eval metrics of one eval set (`Task.evaluate`), keyed eval_<name>."""
+        return self.task.evaluate(self, state, batches)
+
+    def loss_metrics(self, state: TrainState, batches) -> dict:
+        """The objective's eval metrics over fixed per-process batches, keyed eval_<name>."""
         sums = None
         for b in batches:
             out = jax.device_get(self.eval_step(state.params, state.frozen, self.to_global(b)))
