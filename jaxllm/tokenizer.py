@@ -11,8 +11,10 @@ import argparse
 import sys
 import time
 
+from jaxllm.config import DataConfig
 from jaxllm.data.documents import open_source
-from jaxllm.data.tokenizer import Tokenizer, sample_texts, train_sentencepiece
+from jaxllm.data.tokenizer import Tokenizer, load_tokenizer, sample_texts, train_sentencepiece
+from jaxllm.errors import UserError, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,34 +32,62 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--eval-fraction", type=float, default=0.02, help="held-out share of stdlib:*")
     t.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping it")
     e = sub.add_parser("encode", help="print the token ids of a text")
-    e.add_argument("--model", required=True)
+    e.add_argument("--model", required=True, help="a SentencePiece .model or a tokenizer.json")
     e.add_argument("--text", required=True)
     e.add_argument("--pieces", action="store_true", help="print pieces instead of ids")
     d = sub.add_parser("decode", help="print the text of token ids")
-    d.add_argument("--model", required=True)
+    d.add_argument("--model", required=True, help="a SentencePiece .model or a tokenizer.json")
     d.add_argument("--ids", type=int, nargs="+", required=True)
     args = p.parse_args(argv)
+    if args.command == "train" and args.vocab_size <= 0:
+        p.error("--vocab-size must be > 0")
+    return run_cli(lambda: _run(args))
 
-    try:
-        if args.command == "train":
-            start = time.perf_counter()
-            source = open_source(args.input, text_field=args.text_field, strict=args.strict,
-                                 eval_fraction=args.eval_fraction)
+
+def _run(args) -> int:
+    if args.command == "train":
+        start = time.perf_counter()
+        source = open_source(args.input, text_field=args.text_field, strict=args.strict,
+                             eval_fraction=args.eval_fraction)
+        try:
             path = train_sentencepiece(sample_texts(source, args.max_chars), args.vocab_size, args.output,
                                        model_type=args.model_type, max_chars=args.max_chars)
-            tok = Tokenizer(path)
-            print(f"wrote {path}: {tok.vocab_size} pieces from {len(source)} documents "
-                  f"in {time.perf_counter() - start:.1f} s")
-        elif args.command == "encode":
-            tok = Tokenizer(args.model)
-            ids = tok.encode(args.text)
-            print(" ".join(tok.id_to_piece(i) for i in ids) if args.pieces else " ".join(map(str, ids)))
-        else:
-            print(Tokenizer(args.model).decode(args.ids))
-    except (OSError, ValueError) as err:  # SourceError is a ValueError: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        except RuntimeError as e:  # SentencePiece's trainer rejects settings the text cannot meet
+            raise UserError(f"SentencePiece could not train on {' '.join(args.input)}: {_first_line(e)}") from e
+        tok = Tokenizer(path)
+        print(f"wrote {path}: {tok.vocab_size} pieces from {len(source)} documents "
+              f"in {time.perf_counter() - start:.1f} s")
+        return 0
+    tok = open_tokenizer(args.model)
+    if args.command == "encode":
+        ids = tok.encode(args.text)
+        print(" ".join(tok.id_to_piece(i) for i in ids) if args.pieces else " ".join(map(str, ids)))
+    else:
+        bad = [i for i in args.ids if not 0 <= i < tok.vocab_size]
+        if bad:
+            raise UserError(f"--ids {' '.join(map(str, bad))}: not ids of {args.model} (0 to {tok.vocab_size - 1})")
+        print(tok.decode(args.ids))
     return 0
+
+
+def open_tokenizer(path: str):
+    """The SentencePiece .model or Hugging Face tokenizer.json at `path`; a missing file is a
+    FileNotFoundError, a file neither library can read a UserError (one line, exit 2)."""
+    try:
+        return load_tokenizer(DataConfig(tokenizer=path), vocab_size=1 << 31)  # no model bounds the vocabulary
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such SentencePiece .model or tokenizer.json (or folder "
+                                "holding one)") from None
+    except RuntimeError as e:  # sentencepiece: not a model proto
+        raise UserError(f"{path}: not a SentencePiece model ({_first_line(e)})") from e
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        if type(e) is not Exception:
+            raise
+        raise UserError(f"{path}: not a Hugging Face tokenizer.json ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":

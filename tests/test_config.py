@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import os
 import subprocess
@@ -5,7 +6,12 @@ import sys
 
 import pytest
 
-from jaxllm.config import Config, ConfigError, dump_yaml, load_config
+from jaxllm import tokenizer as tokenizer_cli
+from jaxllm.config import Config, ConfigError, dump_yaml, load_config, validate
+from jaxllm.data import prepare as prepare_cli
+from jaxllm.data.tokenizer import Tokenizer
+from jaxllm.optim import make_schedule
+from jaxllm.train import cli as train_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +24,8 @@ def test_every_shipped_yaml_loads(path):
 
 
 @pytest.mark.parametrize("name, params_m", [("smollm2-135m", 134.5), ("smollm2-360m", 361.8),
-                                            ("smollm2-1.7b", 1711.4), ("llama3-8b", 8030.3)])
+                                            ("smollm2-1.7b", 1711.4), ("llama3-8b", 8030.3),
+                                            ("llama3-70b", 70553.7)])
 def test_presets_have_published_sizes(name, params_m):
     cfg = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
     assert cfg.model.num_params() / 1e6 == pytest.approx(params_m, abs=0.1)
@@ -124,3 +131,110 @@ def test_cli_checks_config_against_the_machine(override, message):
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
     assert proc.returncode == 2, proc.stderr[-500:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------- schedule checks
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.total_steps=12", "schedule.warmup_steps=12"],
+     "the warmup (schedule.warmup_steps 12) and the decay (schedule.decay_fraction 0.2 of the run = 2 steps) "
+     "take 14 steps, more than trainer.total_steps (12)"),
+    (["schedule.warmup_ratio=0.5", "schedule.decay_fraction=0.6"],
+     "the warmup (schedule.warmup_ratio 0.5 of the run = 350 steps) and the decay (schedule.decay_fraction 0.6 "
+     "of the run = 420 steps) take 770 steps, more than trainer.total_steps (700)"),
+    (["schedule.name=linear", "schedule.warmup_steps=701"],
+     "the warmup (schedule.warmup_steps 701) takes 701 steps, more than trainer.total_steps (700)"),
+    (["schedule.min_lr=0.01"], "schedule.min_lr (0.01) must be between 0 and optimizer.lr (0.005); above it"),
+    (["schedule.min_lr=-1e-4"], "schedule.min_lr (-0.0001) must be between 0 and optimizer.lr (0.005)"),
+    (["optimizer.b2=1.0"], "optimizer.b1 and optimizer.b2 must be in [0, 1)"),
+])
+def test_schedule_checks_name_the_keys(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_schedule_that_fits_exactly_is_accepted_and_a_counted_run_is_checked_again():
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["trainer.total_steps=15", "schedule.warmup_steps=12"])
+    sched = make_schedule(cfg.optimizer, cfg.schedule, 15)  # 12 warmup + 3 decay steps: no stable phase
+    assert float(sched(12)) == pytest.approx(cfg.optimizer.lr) and float(sched(15)) == 0.0
+    # trainer.epochs: total_steps is known only once the data is counted (run.resolve_epochs).
+    recipe = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["task=sft", "trainer.epochs=1"])
+    with pytest.raises(ConfigError, match=r"the warmup \(schedule.warmup_steps 30\) and the decay .* take 31 "
+                                          r"steps, more than trainer.total_steps \(5\)"):
+        validate(dataclasses.replace(recipe, trainer=dataclasses.replace(recipe.trainer, total_steps=5, epochs=0.0)))
+    with pytest.raises(ConfigError, match="more than trainer.total_steps"):
+        make_schedule(recipe.optimizer, recipe.schedule, 5)
+
+
+# ----------------------------------------------------------------------------- command-line errors
+
+def test_train_cli_reports_data_errors_in_one_line(tmp_path, capsys, monkeypatch):
+    """Errors found once the run starts (inside train()) are one line and exit 2 as well."""
+    (tmp_path / "nodocs.jsonl").write_text('{"body": "no text field"}\n{"body": 2}\n')
+    base = ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "mesh.cpu_devices=0",
+            f"trainer.run_dir={tmp_path / 'run'}", f"data.tokenizer_cache_dir={tmp_path / 'tok'}"]
+    for spec, message in [(f"{tmp_path}/none/*.jsonl", "glob matches no"),
+                          (str(tmp_path / "nodocs.jsonl"), "no usable documents"),
+                          (str(tmp_path / "absent.jsonl"), "no such file, folder or glob")]:
+        assert train_cli.main(base + [f"data.train=[{spec}]"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: {spec}: {message}"), err
+    assert train_cli.main(base + ["data.tokenizer=" + str(tmp_path / "absent.model")]) == 2
+    assert "data.tokenizer: no SentencePiece .model file" in capsys.readouterr().err
+    monkeypatch.setattr(train_cli, "train", lambda cfg: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        train_cli.main(base)
+
+
+def test_train_cli_process_prints_one_line_and_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "jaxllm.train", "--config", "configs/tiny.yaml",
+                           f"data.train=[{tmp_path}/*.jsonl]", f"trainer.run_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path}/*.jsonl: glob matches no "
+                                                ".txt/.py/.md/.jsonl/.jsonl.gz/.jsonl.zst/.parquet/.array_record files"]
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp") / "sp"
+    assert tokenizer_cli.main(["train", "--input", "stdlib:eval", "--vocab-size", "400", "--output", str(out),
+                               "--max-chars", "200000"]) == 0
+    return f"{out}.model"
+
+
+def test_tokenizer_cli_errors_are_one_line(tmp_path, capsys, sp_model):
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    cases = [(["encode", "--model", str(tmp_path / "absent.model"), "--text", "x"], "absent.model: no such"),
+             (["encode", "--model", str(tmp_path / "bad.model"), "--text", "x"], "bad.model: not a SentencePiece model"),
+             (["encode", "--model", str(tmp_path / "tokenizer.json"), "--text", "x"], "not a Hugging Face tokenizer.json"),
+             (["decode", "--model", sp_model, "--ids", "5", "400", "-1"], "--ids 400 -1: not ids of"),
+             (["train", "--input", str(tmp_path / "none*.jsonl"), "--vocab-size", "50", "--output", str(tmp_path / "o")],
+              "glob matches no"),
+             (["train", "--input", "stdlib:eval", "--vocab-size", "50", "--output", str(tmp_path / "o"),
+               "--max-chars", "100000"], "SentencePiece could not train on stdlib:eval: ")]
+    for argv, message in cases:
+        assert tokenizer_cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert tokenizer_cli.main(["encode", "--model", sp_model, "--text", "def f(x):"]) == 0
+    assert capsys.readouterr().out.split() == [str(i) for i in Tokenizer(sp_model).encode("def f(x):")]
+
+
+def test_prepare_cli_errors_are_one_line(tmp_path, capsys, sp_model):
+    (tmp_path / "docs.jsonl").write_text('{"text": "def f(x): return x"}\n')
+    (tmp_path / "bad.model").write_bytes(b"not a model")
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    cases = [(["--input", str(tmp_path / "docs.jsonl"), "--tokenizer", str(tmp_path / "bad.model")],
+              "--tokenizer " + str(tmp_path / "bad.model") + ": not a SentencePiece model"),
+             (["--input", str(tmp_path / "none.jsonl"), "--tokenizer", sp_model], "none.jsonl: no such file"),
+             (["--config", tiny, f"data.tokenizer={sp_model}", "model.vocab_size=300"],
+              f"data.tokenizer {sp_model} has 400 pieces but model.vocab_size is 300"),
+             (["--config", tiny, "schedule.min_lr=1"], "schedule.min_lr (1) must be between 0")]
+    for argv, message in cases:
+        assert prepare_cli.main(argv + ["--output", str(tmp_path / "out"), "--workers", "1"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "".join(err), err

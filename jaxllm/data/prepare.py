@@ -47,6 +47,7 @@ import numpy as np
 from jaxllm.data.documents import Tokenize, open_source
 from jaxllm.data.files import SourceError, prepared_dir
 from jaxllm.data.shards import FORMAT, MANIFEST, VERSION, tokenizer_sha256
+from jaxllm.errors import ConfigError, UserError, run_cli
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +212,8 @@ def prepare(source, tokenizer, output: str, *, add_bos: bool = True, add_eos: bo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; an expected user error (bad source, tokenizer or output) is one line on
+    stderr and exit status 2, anything else a traceback."""
     ap = argparse.ArgumentParser(prog="python -m jaxllm.data.prepare", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="run config: its data section gives sources, tokenizer, BOS/EOS, strict")
     ap.add_argument("--split", choices=("train", "eval"), default="train", help="data.train or data.eval")
@@ -230,51 +233,89 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if (args.config is None) == (args.input is None):
         ap.error("give either --config or --input")
+    if args.config is not None and args.tokenizer:
+        ap.error("--tokenizer goes with --input; with --config set data.tokenizer=...")
+    if args.input is not None and args.overrides:
+        ap.error("config overrides need --config")
+    if args.input is not None and not args.tokenizer:
+        ap.error("--input needs --tokenizer")
+    if args.workers <= 0 or args.shard_tokens <= 0:
+        ap.error("--workers and --shard-tokens must be > 0")
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
+    from jaxllm.config import DataConfig, load_config
+
+    if args.config is not None:
+        cfg = load_config(args.config, args.overrides)
+        d = cfg.data
+        specs = list(d.train if args.split == "train" else d.eval)
+        tokenizer = _config_tokenizer(d, cfg.model.vocab_size)
+        text_field, strict, add_bos, add_eos, eval_fraction = d.text_field, d.strict, d.add_bos, d.add_eos, d.eval_fraction
+    else:
+        specs = list(args.input)
+        tokenizer = _open_tokenizer(args.tokenizer, "--tokenizer")  # no model bounds its vocabulary
+        text_field, strict, add_bos, add_eos = args.text_field, args.strict, not args.no_bos, not args.no_eos
+        eval_fraction = DataConfig().eval_fraction
+    done = [s for s in specs if prepared_dir(s)]
+    if done:
+        raise SourceError(f"{', '.join(done)}: already prepared token shards; give text sources")
+    t0 = time.perf_counter()
+    source = open_source(specs, text_field=text_field, strict=strict, eval_fraction=eval_fraction)
     try:
-        if args.config is not None:
-            if args.tokenizer:
-                ap.error("--tokenizer goes with --input; with --config set data.tokenizer=...")
-            from jaxllm.config import load_config_or_report
-            from jaxllm.data.tokenizer import load_tokenizer
-
-            cfg = load_config_or_report(args.config, args.overrides)
-            if cfg is None:
-                return 2
-            d = cfg.data
-            specs = list(d.train if args.split == "train" else d.eval)
-            tokenizer = load_tokenizer(d, cfg.model.vocab_size)
-            text_field, strict, add_bos, add_eos, eval_fraction = d.text_field, d.strict, d.add_bos, d.add_eos, d.eval_fraction
-        else:
-            if args.overrides:
-                ap.error("config overrides need --config")
-            if not args.tokenizer:
-                ap.error("--input needs --tokenizer")
-            from jaxllm.config import DataConfig
-            from jaxllm.data.tokenizer import load_tokenizer
-
-            specs = list(args.input)
-            # No model here to bound the vocabulary: any tokenizer size is accepted.
-            tokenizer = load_tokenizer(DataConfig(tokenizer=args.tokenizer), vocab_size=1 << 31)
-            text_field, strict, add_bos, add_eos = args.text_field, args.strict, not args.no_bos, not args.no_eos
-            eval_fraction = DataConfig().eval_fraction
-        done = [s for s in specs if prepared_dir(s)]
-        if done:
-            raise SourceError(f"{', '.join(done)}: already prepared token shards; give text sources")
-        t0 = time.perf_counter()
-        source = open_source(specs, text_field=text_field, strict=strict, eval_fraction=eval_fraction)
         manifest = prepare(source, tokenizer, args.output, add_bos=add_bos, add_eos=add_eos,
                            workers=args.workers, shard_tokens=args.shard_tokens, overwrite=args.overwrite,
                            source_info={"specs": specs, "text_field": text_field, "split": args.split,
                                         "strict": strict})
-    except (SourceError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileExistsError as e:  # --output taken: the user's to resolve
+        raise UserError(str(e)) from None
     seconds = time.perf_counter() - t0
     print(json.dumps({"output": os.path.abspath(args.output), "documents": manifest["documents"],
                       "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
                       "dtype": manifest["dtype"], "seconds": round(seconds, 3),
                       "tokens_per_s": round(manifest["tokens"] / max(seconds, 1e-9))}))
     return 0
+
+
+def _config_tokenizer(data_cfg, vocab_size: int):
+    """data.tokenizer of a run config: a file (its vocabulary within model.vocab_size), or "auto"
+    (trained on data.train once, cached)."""
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    if data_cfg.tokenizer == "auto":
+        try:
+            return load_tokenizer(data_cfg, vocab_size)
+        except RuntimeError as e:  # SentencePiece's trainer rejects a vocabulary the text cannot fill
+            raise ConfigError(f"data.tokenizer auto: SentencePiece could not train {vocab_size} pieces "
+                              f"(model.vocab_size) on data.train: {_first_line(e)}") from None
+    tok = _open_tokenizer(data_cfg.tokenizer, "data.tokenizer")
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"data.tokenizer {data_cfg.tokenizer} has {tok.vocab_size} pieces but model.vocab_size "
+                          f"is {vocab_size}; use a model.vocab_size >= {tok.vocab_size}")
+    return tok
+
+
+def _open_tokenizer(path: str, key: str):
+    """A SentencePiece .model or tokenizer.json; one that is missing or unreadable is a UserError
+    naming `key`."""
+    from jaxllm.config import DataConfig
+    from jaxllm.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(DataConfig(tokenizer=path), vocab_size=1 << 31)
+    except FileNotFoundError:
+        raise UserError(f"{key} {path}: no such SentencePiece .model or tokenizer.json (or folder holding one)") from None
+    except RuntimeError as e:  # sentencepiece: not a model proto
+        raise UserError(f"{key} {path}: not a SentencePiece model ({_first_line(e)})") from None
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        if type(e) is not Exception:
+            raise
+        raise UserError(f"{key} {path}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":

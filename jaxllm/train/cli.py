@@ -1,8 +1,10 @@
 """`python -m jaxllm.train --config configs/X.yaml [a.b=c ...]`: load the config, start
 multi-host JAX, check the config against the machine, train.
 
-A config problem is one line on stderr and exit status 2; anything else is a bug and keeps its
-traceback.
+An expected user error is one line on stderr and exit status 2: a config problem found before
+training, or one found once the run starts (data.train matching no files or holding no usable
+documents, a missing tokenizer, a schedule that does not fit the run's counted length). Anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 import jax
 
 from jaxllm import config as config_lib
-from jaxllm.errors import ConfigError
+from jaxllm.errors import ConfigError, run_cli
 from jaxllm.kernels.attention import check_available
 from jaxllm.parallel import distributed
 from jaxllm.parallel.mesh import mesh_shape
@@ -62,6 +64,11 @@ def main(argv=None) -> int:
     cfg = configure(args.config, args.overrides)
     if cfg is None:
         return 2
+    # Data and run-length problems surface inside train(), once the sources are opened.
+    return run_cli(lambda: _train_and_report(cfg))
+
+
+def _train_and_report(cfg: config_lib.Config) -> int:
     summary = train(cfg)
     if "final_eval_loss" in summary and jax.process_index() == 0:
         print(f"done: step {summary['final_step']}, eval loss "
