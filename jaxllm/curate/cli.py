@@ -1,14 +1,17 @@
 """Command line of `python -m jaxllm.curate`.
 
   python -m jaxllm.curate --input data/ --output clean.jsonl --report report.json \\
-      [--filters c4,gopher] [--dedup exact,minhash] [--decontaminate eval.jsonl ...] \\
+      [--filters c4,gopher,fineweb_quality] [--dedup exact,minhash] [--decontaminate eval.jsonl ...] \\
       [--quality-model q.json (--quality-threshold 0.5 | --quality-tau 2)] [--config curate.yaml] \\
-      [--set gopher_min_words=20 ...]
+      [--executor local|slurm|ray] [--tasks N] [--workers N] [--set gopher_min_doc_words=20 ...]
   python -m jaxllm.curate train-quality (--labelled ex.jsonl | --positive good/ --negative bad/) --out q.json
+  python -m jaxllm.curate prepare --input data/ --tokenizer tok.model --output shards/ [--executor ...]
 
-Inputs are anything `jaxllm.data.documents.open_source` reads (.txt .py .md .jsonl .parquet files,
-folders, globs, stdlib:train). Settings: defaults < --config YAML < flags; `--set key=value`
-sets any config key (see jaxllm/curate/config.py). Exit status 2 on a bad setting.
+Inputs are jsonl (also .gz / .zst), parquet and .txt/.py/.md files, folders and globs (as
+jaxllm.data reads them), or a URL with a file pattern (s3://bucket/crawl/*.jsonl.gz). The output
+is one file (.jsonl, .jsonl.gz, .parquet) or a folder of one file per task. Settings: defaults <
+--config YAML < flags; `--set key=value` sets any config key (see jaxllm/curate/config.py).
+Exit status 2 on a bad setting or bad input, in one line.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import sys
 import numpy as np
 import yaml
 
-from jaxllm.curate.config import FIELDS, ConfigError, load_config
+from jaxllm.curate.cli_args import executor_flags
+from jaxllm.curate.config import ConfigError, check_key, load_config
 from jaxllm.data.documents import open_source
-from jaxllm.data.files import SourceError
+from jaxllm.errors import UserError, run_cli
 
 
 def _csv(text: str) -> list[str]:
@@ -35,13 +39,16 @@ def _curate_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)  # only flags given override the config
     p.add_argument("--config", help="YAML file of curate settings")
-    p.add_argument("--input", nargs="+", help="files, folders, globs or stdlib:train / stdlib:eval")
-    p.add_argument("--output", help="kept documents, jsonl: {text, id, source}")
+    p.add_argument("--input", nargs="+", help="files, folders, globs, stdlib:train, or URL patterns")
+    p.add_argument("--output", help="kept records: a .jsonl / .jsonl.gz / .parquet file, or a folder")
+    p.add_argument("--output-format", dest="output_format", help="jsonl, jsonl.gz or parquet")
     p.add_argument("--text-field", dest="text_field", help="JSON field / parquet column with the text")
-    p.add_argument("--filters", type=_csv, help="comma list of c4, gopher, gopher_quality, gopher_repetition; none")
+    p.add_argument("--id-field", dest="id_field", help="JSON field / parquet column with the record's id")
+    p.add_argument("--filters", type=_csv, help="comma list of c4, c4_badwords, gopher, gopher_quality, "
+                   "gopher_repetition, fineweb_quality, language; none")
     p.add_argument("--dedup", type=_csv, help="comma list of exact, minhash; none")
     p.add_argument("--decontaminate", nargs="+", help="evaluation sources whose n-grams training must not share")
-    p.add_argument("--decontam-ngram", dest="decontam_ngram", type=int, help="n of the word n-grams (13)")
+    p.add_argument("--decontam-n-grams", dest="decontam_n_grams", type=int, help="n of the word n-grams (12)")
     p.add_argument("--quality-model", dest="quality_model", help="model from train-quality (.json / .npz)")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--quality-threshold", dest="quality_threshold", type=float,
@@ -50,12 +57,14 @@ def _curate_parser() -> argparse.ArgumentParser:
                    help="sample documents with P proportional to exp(logit / tau)")
     p.add_argument("--quality-keep-fraction", dest="quality_keep_fraction", type=float,
                    help="share of documents --quality-tau sampling keeps (0.5)")
-    p.add_argument("--code", action="store_const", const=True, help="the corpus is code: no C4 curly-brace rule")
-    p.add_argument("--report", help="report JSON: counts per rule, examples, timings")
+    p.add_argument("--code", action="store_const", const=True, help="the corpus is code: no C4 curly-bracket rule")
+    p.add_argument("--report", help="report JSON: counts per stage and rule, examples, timings")
     p.add_argument("--removed", help="removed.jsonl: every removed document, stage, rule and why")
-    p.add_argument("--work-dir", dest="work_dir", help="temporary files (default: next to --output)")
+    p.add_argument("--keep-work", dest="keep_work", action="store_const", const=True,
+                   help="keep the work folder after a successful run")
     p.add_argument("--strict", action="store_const", const=True, help="fail on bad input instead of skipping it")
     p.add_argument("--set", dest="sets", action="append", metavar="KEY=VALUE", help="any config key")
+    executor_flags(p)
     return p
 
 
@@ -66,35 +75,36 @@ def _overrides(args: argparse.Namespace) -> dict:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item}: expected KEY=VALUE")
-        if key not in FIELDS:
-            raise ConfigError(f"--set: unknown key {key!r}")
+        check_key(key, "--set: ")
         values[key] = yaml.safe_load(raw) if raw.strip() else None
     return values
 
 
-def curate_main(argv: list[str]) -> int:
-    from jaxllm.curate.pipeline import curate
-
-    args = _curate_parser().parse_args(argv)
-    config_path = getattr(args, "config", None)
-    try:
-        cfg = load_config(config_path, _overrides(args))
-        for key in ("input", "output"):
-            if not getattr(cfg, key):
-                raise ConfigError(f"{key}: required (--{key} or the config's {key}:)")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = curate(cfg)
-    except SourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _summary(cfg, result: dict) -> str:
+    if "submitted" in result:
+        what = "submitted" if result["submitted"] else f"dry run: job scripts in {result['job_scripts']} for"
+        return (f"curate: {what} {len(result['stages'])} SLURM stages ({', '.join(result['stages'])}); "
+                f"report -> {result['report']}, output -> {result['output']}")
     removed = ", ".join(f"{name} {s['removed']}" for name, s in result["stages"].items())
     t = result["totals"]
-    print(f"curate: {t['documents_in']} documents in, {t['documents_out']} out (removed: {removed or 'none'}) "
-          f"in {t['seconds']:.1f} s -> {cfg.output}" + (f", report {cfg.report}" if cfg.report else ""),
-          file=sys.stderr)
+    return (f"curate: {t['documents_in']} documents in, {t['documents_out']} out (removed: {removed or 'none'}) "
+            f"in {t['seconds']:.1f} s -> {cfg.output}" + (f", report {cfg.report}" if cfg.report else ""))
+
+
+def curate_main(argv: list[str]) -> int:
+    args = _curate_parser().parse_args(argv)
+    cfg = load_config(getattr(args, "config", None), _overrides(args))
+    for key in ("input", "output"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{key}: required (--{key} or the config's {key}:)")
+    try:
+        from jaxllm.curate.pipeline import curate
+    except ImportError as e:
+        if (e.name or "").split(".")[0] not in ("datatrove", "spacy", "orjson", "xxhash"):
+            raise
+        raise UserError(f"curation runs on datatrove ({e.name} is missing): pip install 'jaxllm[curate]'") from None
+    result = curate(cfg)
+    print(_summary(cfg, result), file=sys.stderr)
     return 0
 
 
@@ -131,22 +141,18 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--l2", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    try:
-        texts, labels = [], []
-        for path in args.labelled:
-            t, y = _read_labelled(path, args.text_field)
-            texts += t
-            labels += y
-        for specs, label in ((args.positive, 1), (args.negative, 0)):
-            if specs:
-                src = open_source(specs, text_field=args.text_field)
-                texts += [src[i] for i in range(len(src))]
-                labels += [label] * len(src)
-        if len(set(labels)) < 2:
-            raise ConfigError("train-quality: need examples of both labels (--labelled, or --positive and --negative)")
-    except (ConfigError, SourceError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    texts, labels = [], []
+    for path in args.labelled:
+        t, y = _read_labelled(path, args.text_field)
+        texts += t
+        labels += y
+    for specs, label in ((args.positive, 1), (args.negative, 0)):
+        if specs:
+            src = open_source(specs, text_field=args.text_field)
+            texts += [src[i] for i in range(len(src))]
+            labels += [label] * len(src)
+    if len(set(labels)) < 2:
+        raise ConfigError("train-quality: need examples of both labels (--labelled, or --positive and --negative)")
     order = np.random.default_rng(args.seed).permutation(len(texts))
     n_hold = int(round(args.holdout * len(texts)))
     hold, fit = order[:n_hold], order[n_hold:]
@@ -164,5 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "train-quality":
-        return train_main(argv[1:])
-    return curate_main(argv)
+        return run_cli(lambda: train_main(argv[1:]))
+    if argv and argv[0] == "prepare":
+        from jaxllm.curate.prepare_step import main as prepare_main
+
+        return run_cli(lambda: prepare_main(argv[1:]))
+    return run_cli(lambda: curate_main(argv))

@@ -1,59 +1,76 @@
-"""Decontamination: drop training documents that share word n-grams with evaluation data.
+"""Decontamination index from local evaluation files, for datatrove's NGramsDecontFilter.
 
-N-grams are over lowercased words with punctuation stripped (`text.words`), n = 13 by default
-(GPT-3's choice; n = 2 and up are allowed). All evaluation n-grams are hashed to 64 bits and
-kept as one sorted array (8 bytes per n-gram plus 4 for its file), so a document is checked with
-one vectorised binary search. Evaluation documents shorter than n words contribute nothing and
-are counted in `stats["eval_docs_too_short"]`.
+datatrove's own indexer (NGramsDecontIndexer) fetches its evaluation sets through lighteval from
+the Hugging Face hub; `EvalNGramIndexer` reads them from files instead (anything
+`jaxllm.data.documents.open_source` reads) and writes the same index: per evaluation file, the
+64-bit hashes of every word n-gram of its documents, as NGramsDecontIndexer computes them for a
+label (datatrove's text normalisation and word tokenizer, then its hash of the space-joined
+n-gram), in `<name>.index.hashes`. The filter then drops a training document at its first shared
+n-gram and names the n-gram and the file. `index.json` maps each index name back to its file
+and counts the evaluation documents shorter than n words (they contribute nothing).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
+import os
+import re
 
-from jaxllm.curate.origin import doc_files
-from jaxllm.curate.text import ngram_hashes, word_hashes, words
+import numpy as np
+from datatrove.io import get_datafolder
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.decont import NGramsDecontConfig
+from datatrove.utils.hashing import create_hash_func
+from datatrove.utils.text import ngrams, simplify_text
+from datatrove.utils.word_tokenizers import load_word_tokenizer
+
 from jaxllm.data.documents import open_source
 
+INDEX_INFO = "index.json"
 
-class Decontaminator:
-    name = "decontaminate"
 
-    def __init__(self, specs, *, text_field: str = "text", ngram: int = 13, min_matches: int = 1,
-                 strict: bool = False):
-        self.ngram, self.min_matches = ngram, min_matches
-        source = open_source(list(specs), text_field=text_field, strict=strict)
-        self.files, file_of = doc_files(source)
-        hashes, owners, short = [np.zeros(0, np.uint64)], [np.zeros(0, np.int32)], 0
-        for i in range(len(source)):
-            w = words(source[i])
-            if len(w) < ngram:
-                short += 1
-                continue
-            h = ngram_hashes(word_hashes(w), ngram)
-            hashes.append(h)
-            owners.append(np.full(len(h), file_of[i], np.int32))
-        all_hashes, all_owners = np.concatenate(hashes), np.concatenate(owners)
-        # np.unique keeps each n-gram's first occurrence: it is credited to the first file holding it.
-        self.hashes, first = np.unique(all_hashes, return_index=True)
-        self.owners = all_owners[first]
-        self.stats = {"eval_docs": len(source), "eval_docs_too_short": short, "eval_ngrams": len(self.hashes)}
+def ngram_hashes(text: str, config: NGramsDecontConfig, tokenizer, hash_func) -> list[int]:
+    """NGramsDecontIndexer.compute_hashes of a label without a query."""
+    tokens = tokenizer.word_tokenize(simplify_text(text, config.norm_config))
+    return [hash_func(" ".join(g)) for g in ngrams(tokens, config.n_grams)]
 
-    def __call__(self, text: str) -> dict | None:
-        """None if clean, else {"ngram", "eval_file", "matches"} for the first shared n-gram."""
-        if len(self.hashes) == 0:
-            return None
-        w = words(text)
-        h = ngram_hashes(word_hashes(w), self.ngram)
-        if len(h) == 0:
-            return None
-        pos = np.minimum(np.searchsorted(self.hashes, h), len(self.hashes) - 1)
-        hit = self.hashes[pos] == h
-        if not hit.any():
-            return None
-        matches = len(np.unique(h[hit]))
-        if matches < self.min_matches:
-            return None
-        i = int(np.argmax(hit))
-        return {"ngram": " ".join(w[i:i + self.ngram]), "eval_file": self.files[self.owners[pos[i]]],
-                "matches": matches}
+
+class EvalNGramIndexer(PipelineStep):
+    """One task: the n-gram hash index of the evaluation sources `specs`."""
+
+    type = "🦠 - DECONT"
+    name = "evaluation n-gram index"
+
+    def __init__(self, specs, output_folder: str, *, n_grams: int, text_field: str = "text",
+                 language: str = "en", strict: bool = False):
+        super().__init__()
+        self.specs, self.text_field, self.strict = list(specs), text_field, strict
+        self.output_folder = get_datafolder(output_folder)
+        self.config = NGramsDecontConfig(n_grams=n_grams)
+        self.language = language
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        if world_size != 1:
+            raise ValueError(f"EvalNGramIndexer runs as one task, got {world_size}")
+        tokenizer = load_word_tokenizer(self.language)
+        hash_func = create_hash_func(self.config.hash_config)
+        source = open_source(self.specs, text_field=self.text_field, strict=self.strict)
+        file_ids = np.asarray(source.file_ids)
+        hashes: list[set] = [set() for _ in source.files]
+        too_short = 0
+        with self.track_time():
+            for i in range(len(source)):
+                h = ngram_hashes(source[i], self.config, tokenizer, hash_func)
+                too_short += not h
+                hashes[file_ids[i]].update(h)
+        names = {}
+        for f, (path, file_hashes) in enumerate(zip(source.files, hashes)):
+            name = f"{f:03d}-" + re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(path))
+            names[name] = path
+            with self.output_folder.open(f"{name}.index.hashes", "wb") as out:
+                out.write(np.array(sorted(file_hashes), dtype=self.config.hash_config.np_descr).tobytes())
+        info = {"files": names, "eval_docs": len(source), "eval_docs_too_short": too_short,
+                "eval_ngrams": sum(len(h) for h in hashes), "n_grams": self.config.n_grams}
+        with self.output_folder.open(INDEX_INFO, "w") as f:
+            json.dump(info, f)
+        self.stat_update("eval_docs", value=len(source))

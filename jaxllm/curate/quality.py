@@ -6,12 +6,8 @@ Training: full-batch gradient descent with heavy-ball momentum on the mean logis
 L2; with unit-norm rows the loss is 0.25-smooth, so a fixed step is stable. Weights that no
 training document touches stay exactly zero, so a model file stores only the touched buckets.
 
-Selection, given each document's logit s (log-odds of "high quality"):
-  * threshold T: keep documents with sigmoid(s) >= T;
-  * temperature tau (QuRating, Wettig et al. 2024): sample round(keep_fraction * N) documents
-    without replacement with probability proportional to exp(s / tau). Implemented exactly with
-    the Gumbel-top-k trick (Kool et al. 2019): keep the largest s / tau + Gumbel(0, 1) noise,
-    noise drawn from a seeded generator. tau -> 0 is top-k by score, tau -> inf uniform sampling.
+In a curation run the model is a scorer step (jaxllm.curate.scoring.HashedBigramScorer) and the
+selection by threshold or temperature sampling is done by jaxllm.curate.scoring's steps.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ import json
 import numpy as np
 
 from jaxllm.curate.text import ngram_hashes, word_hashes, words
+from jaxllm.errors import UserError
 
 BUCKETS = 1 << 18
 
@@ -72,7 +69,7 @@ class QualityModel:
             with open(path) as f:
                 data = json.load(f)
             if data.get("format") != "jaxllm-quality-v1":
-                raise ValueError(f"{path}: not a jaxllm quality model (format {data.get('format')!r})")
+                raise UserError(f"{path}: not a jaxllm quality model (format {data.get('format')!r})")
         weights = np.zeros(int(data["buckets"]), np.float32)
         weights[np.asarray(data["indices"], np.int64)] = np.asarray(data["values"], np.float32)
         return cls(weights, float(data["bias"]))
@@ -99,16 +96,3 @@ def train(texts, labels, *, buckets: int = BUCKETS, epochs: int = 300, lr: float
         w, b = w + vw, b + vb
     # l2 * w decays touched weights only; untouched buckets have zero gradient and stay 0.
     return QualityModel(w.astype(np.float32), float(b))
-
-
-def select(logits: np.ndarray, *, threshold: float | None = None, tau: float | None = None,
-           keep_fraction: float = 0.5, seed: int = 0) -> np.ndarray:
-    """Boolean keep-mask over documents with these logits (see the module docstring)."""
-    logits = np.asarray(logits, np.float64)
-    if threshold is not None:
-        return 1 / (1 + np.exp(-logits)) >= threshold
-    keys = logits / tau + np.random.default_rng(seed).gumbel(size=len(logits))
-    k = int(round(keep_fraction * len(logits)))
-    keep = np.zeros(len(logits), bool)
-    keep[np.argsort(-keys, kind="stable")[:k]] = True
-    return keep

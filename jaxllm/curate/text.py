@@ -1,5 +1,4 @@
-"""Text normalisation and stable 64-bit hashing of words and word n-grams, shared by dedup,
-decontamination and the quality classifier.
+"""Stable 64-bit hashing of words and word n-grams: the quality classifier's features.
 
 Hashes must be the same in every process and run (Python's `hash(str)` is salted per process),
 so words are hashed with blake2b once each (cached) and n-grams are combined from the word
@@ -14,7 +13,6 @@ import re
 import numpy as np
 
 _WORD = re.compile(r"\w+")
-_SPACE = re.compile(r"\s+")
 _MULT = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: odd, so the polynomial hash is a bijection per step
 _word_cache: dict[str, int] = {}
 _CACHE_LIMIT = 1 << 20
@@ -23,11 +21,6 @@ _CACHE_LIMIT = 1 << 20
 def words(text: str) -> list[str]:
     """Lowercased words with punctuation stripped (runs of letters, digits and underscores)."""
     return _WORD.findall(text.lower())
-
-
-def normalize(text: str) -> str:
-    """Lowercase with whitespace runs collapsed: what exact dedup compares."""
-    return _SPACE.sub(" ", text.lower()).strip()
 
 
 def mix64(h: np.ndarray) -> np.ndarray:
@@ -62,6 +55,3 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
         h = h * _MULT + hashes[k:k + m]  # uint64 arrays wrap silently: arithmetic modulo 2**64
     return mix64(h)
 
-
-def truncate(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
