@@ -25,37 +25,13 @@ import numpy as np
 
 from jaxllm.errors import run_cli
 
-# Turn-end markers of the built-in templates: a reply is cut at the first one, as at the EOS.
-END_MARKERS = ("<|im_end|>", "<|eot_id|>", "</s>", "<|endoftext|>")
-
-
-def _encoder(cfg, tokenizer):
-    from jaxllm.data.preference_data import PromptCompletionEncoder
-
-    return PromptCompletionEncoder(tokenizer, cfg.sft.template, seq_len=cfg.data.seq_len,
-                                   add_bos=cfg.data.add_bos)
-
-
 def make_generate_fn(cfg, params, tokenizer, *, max_new_tokens: int = 24, batch_size: int = 64):
     """prompt message lists -> greedy reply strings (the `answer_accuracy` contract)."""
-    from jaxllm.generate import completions, stop_token_ids
-
-    encoder = _encoder(cfg, tokenizer)
+    from jaxllm.generate import chat_replies
 
     def generate_fn(prompts):
-        # The generation prompt is everything before the reply: encode with a placeholder reply.
-        ids = [encoder.truncate_prompt(encoder.encode(p, "x")[0]).tolist() for p in prompts]
-        replies = []
-        for start in range(0, len(ids), batch_size):
-            outs = completions(cfg.model, params, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
-                               temperature=0.0, stop_tokens=stop_token_ids(tokenizer),
-                               pad_id=max(tokenizer.pad_id, 0))
-            for new in outs:
-                text = tokenizer.decode(new)
-                for marker in END_MARKERS:
-                    text = text.split(marker)[0]
-                replies.append(text)
-        return replies
+        replies = chat_replies(cfg, params, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return [r[0] for r in replies]
 
     return generate_fn
 

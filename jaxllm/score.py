@@ -1,6 +1,13 @@
 """Score completions with a reward-model run (`task: reward`).
 
     python -m jaxllm.score --checkpoint RUN_DIR --input FILE.jsonl [--output OUT.jsonl] [--step N]
+    python -m jaxllm.score --checkpoint RUN_DIR --input completions.jsonl --pairs PAIRS.jsonl
+
+The second form reads records with `completions` (several replies to one prompt, as
+`python -m jaxllm.generate --prompts ... --n N` writes them), scores every reply and writes the
+best and the worst as a preference pair (`prompt`, `chosen`, `rejected` message lists, plus
+`chosen_score` / `rejected_score` and the record's other fields) that `task: dpo` reads; a
+prompt whose replies all score the same gives no pair (counted on stderr).
 
 Each input line is a JSON object with `prompt` and `completion` (each a string or a list of
 messages; a string prompt is one user turn, a string completion the assistant's reply, a list
@@ -137,9 +144,57 @@ def main(argv=None) -> int:
     parser.add_argument("--output", help="jsonl to write (default: stdout)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--pairs", help="write best / worst pairs of each record's completions here")
     args = parser.parse_args(argv)
+    return run_cli(lambda: _pairs(args) if args.pairs else _score(args))
 
-    return run_cli(lambda: _score(args))
+
+def _prompt_messages(record, where: str) -> list[dict]:
+    if isinstance(record.get("messages"), list):
+        return list(record["messages"])
+    if isinstance(record.get("prompt"), str):
+        return [{"role": "user", "content": record["prompt"]}]
+    if isinstance(record.get("prompt"), list):
+        return list(record["prompt"])
+    raise ScoreError(f"{where}: needs messages or prompt beside completions")
+
+
+def _pairs(args) -> None:
+    if args.batch_size <= 0:
+        raise ScoreError("--batch-size must be > 0")
+    cfg = reward_run_config(args.checkpoint)
+    records = read_records(args.input)
+    from jaxllm.data.tokenizer import load_tokenizer
+    from jaxllm.run import load_run
+
+    encode = RowEncoder(cfg, load_tokenizer(cfg.data, cfg.model.vocab_size))
+    items, rows = [], []
+    for where, record in records:
+        texts = record.get("completions") if isinstance(record, dict) else None
+        if not isinstance(texts, list) or len(texts) < 2 or not all(isinstance(t, str) for t in texts):
+            raise ScoreError(f"{where}: needs completions, a list of at least two strings")
+        prompt = _prompt_messages(record, where)
+        items.append((record, prompt, len(rows)))
+        rows += [encode({"prompt": prompt, "completion": t}, where) for t in texts]
+    cfg, params = load_run(args.checkpoint, args.step)
+    scores = score_rows(cfg.model, params, rows, args.batch_size)
+    written = ties = 0
+    with open(args.pairs, "w", encoding="utf-8") as f:
+        for record, prompt, start in items:
+            texts = record["completions"]
+            s = scores[start:start + len(texts)]
+            best, worst = int(np.argmax(s)), int(np.argmin(s))
+            if s[best] == s[worst]:
+                ties += 1
+                continue
+            rest = {k: v for k, v in record.items() if k not in ("completions", "messages", "prompt")}
+            pair = {**rest, "prompt": prompt, "chosen": prompt + [{"role": "assistant", "content": texts[best]}],
+                    "rejected": prompt + [{"role": "assistant", "content": texts[worst]}],
+                    "chosen_score": s[best], "rejected_score": s[worst]}
+            f.write(json.dumps(pair, ensure_ascii=False) + "\n")
+            written += 1
+    print(f"wrote {written} pairs -> {args.pairs} ({ties} prompts skipped: all replies scored the same)",
+          file=sys.stderr)
 
 
 def _score(args) -> None:

@@ -1,3 +1,5 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -316,6 +318,40 @@ def test_generate_cli_on_a_trained_run_equals_library_call(trained_run):
     assert any(len(o) > 0 for o in outs)
 
 
+def test_generate_prompts_file_writes_n_completions_per_record(trained_run, tmp_path, capsys):
+    """`--prompts P.jsonl --n N --out F`: each record keeps its fields and gets N replies to its
+    chat prompt (rendered with the run's template); greedy replies equal the library's, sampled
+    ones are reproducible from the seed."""
+    from jaxllm import generate
+    from jaxllm.data.preference_data import PromptCompletionEncoder
+    from jaxllm.data.tokenizer import run_tokenizer
+    from jaxllm.run import load_run
+
+    base, env, run_dir = trained_run
+    records = [{"id": "a", "messages": [{"role": "user", "content": "def f(x):"}]}, {"id": "b", "prompt": "import os"}]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def run(*flags):
+        out = tmp_path / f"out{len(flags)}{flags[-1]}.jsonl"
+        argv = ["--checkpoint", str(run_dir), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "6"]
+        assert generate.main(argv + list(flags)) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    greedy = run("--n", "2", "--greedy")
+    cfg, params = load_run(str(run_dir))
+    tok = run_tokenizer(cfg, str(run_dir))
+    enc = PromptCompletionEncoder(tok, cfg.sft.template, seq_len=cfg.data.seq_len, add_bos=cfg.data.add_bos)
+    msgs = [records[0]["messages"], [{"role": "user", "content": "import os"}]]
+    ids = [enc.encode(m, "x")[0].tolist() for m in msgs]
+    want = [generate.reply_text(tok, n) for n in completions(cfg.model, params, ids, max_new_tokens=6, temperature=0.0,
+                                                               stop_tokens=(tok.eos_id,))]
+    assert [r["id"] for r in greedy] == ["a", "b"]
+    assert [r["completions"] for r in greedy] == [[w, w] for w in want]
+    sampled = run("--n", "3", "--seed", "1")
+    assert all(len(r["completions"]) == 3 for r in sampled) and sampled == run("--n", "3", "--seed", "1")
+
+
 def test_generate_cli_without_checkpoint_is_one_line_error(tmp_path):
     import subprocess
     import sys
@@ -330,6 +366,8 @@ def test_generate_cli_without_checkpoint_is_one_line_error(tmp_path):
 
 TWO_PROCESS_SCRIPT = '''
 import json, os, sys
+import json
+
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))

@@ -551,3 +551,29 @@ def test_score_cli_errors_are_one_line(reward_run, tmp_path, capsys):
     inp.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     assert score.main(["--checkpoint", str(base / "rm"), "--input", str(inp)]) == 2
     assert "must end with an assistant message" in capsys.readouterr().err
+
+
+def test_score_pairs_picks_the_best_and_worst_reply(reward_run, tmp_path, capsys):
+    """`--pairs`: each record's completions scored as the plain scoring CLI scores them; the
+    highest and lowest become chosen / rejected; a record whose replies tie gives no pair."""
+    from jaxllm import score
+
+    base, _, _ = reward_run
+    replies = ["The answer is 5.", "5", "Hello! How can I help you today?", "def add(a, b): return a + b"]
+    records = [{"id": 1, "messages": [{"role": "user", "content": "Add 2 and 3."}], "completions": replies},
+               {"id": 2, "prompt": "Hi there", "completions": ["Hi", "Hi"]}]
+    inp, pairs = tmp_path / "completions.jsonl", tmp_path / "pairs.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert score.main(["--checkpoint", str(base / "rm"), "--input", str(inp), "--pairs", str(pairs)]) == 0
+    err = capsys.readouterr().err
+    assert "wrote 1 pairs" in err and "(1 prompts skipped: all replies scored the same)" in err
+    [pair] = [json.loads(line) for line in pairs.read_text().splitlines()]
+    single = tmp_path / "single.jsonl"
+    single.write_text("".join(json.dumps({"prompt": "Add 2 and 3.", "completion": r}) + "\n" for r in replies))
+    assert score.main(["--checkpoint", str(base / "rm"), "--input", str(single)]) == 0
+    each = [json.loads(line)["score"] for line in capsys.readouterr().out.splitlines()]
+    prompt = records[0]["messages"]
+    assert pair["id"] == 1 and pair["prompt"] == prompt
+    assert pair["chosen"] == prompt + [{"role": "assistant", "content": replies[int(np.argmax(each))]}]
+    assert pair["rejected"] == prompt + [{"role": "assistant", "content": replies[int(np.argmin(each))]}]
+    np.testing.assert_allclose([pair["chosen_score"], pair["rejected_score"]], [max(each), min(each)], rtol=1e-6)
