@@ -1,7 +1,9 @@
-"""HF interop: tiny random transformers models must give the same logits through jaxllm."""
+"""HF interop: tiny random transformers models give the same logits through jaxllm; exports are
+complete chat models (tokenizer, chat template, generation config)."""
 
 import dataclasses
 import json
+import os
 
 import ml_dtypes
 import numpy as np
@@ -223,21 +225,30 @@ def test_bad_checkpoints(tmp_path):
     assert modern.rope_theta == 5e5 and modern.rope_scaling.type == "none"
 
 
-def test_convert_cli_round_trips_a_trained_run(trained_run, tmp_path):
-    """jaxllm run -> HF directory (transformers logits match) -> orbax params (bit-equal)."""
+@pytest.fixture(scope="module")
+def exported_run(trained_run, tmp_path_factory):
+    """The shared trained run -> HF directory -> params directory, through the CLI."""
     import subprocess
     import sys
 
     from conftest import ROOT
-    from jaxllm.run import load_run
 
     base, env, run_dir = trained_run
-    hf_dir, back = tmp_path / "hf", tmp_path / "back"
+    out = tmp_path_factory.mktemp("exported")
+    hf_dir, back = out / "hf", out / "back"
     for args in (["jaxllm-to-hf", "--checkpoint", str(run_dir), "--out", str(hf_dir)],
                  ["hf-to-jaxllm", "--hf", str(hf_dir), "--out", str(back)]):
         proc = subprocess.run([sys.executable, "-m", "jaxllm.convert", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-1500:]
+    return run_dir, hf_dir, back
+
+
+def test_convert_cli_round_trips_a_trained_run(exported_run):
+    """jaxllm run -> HF directory (transformers logits match) -> orbax params (bit-equal)."""
+    from jaxllm.run import load_run
+
+    run_dir, hf_dir, back = exported_run
     cfg, params = load_run(str(run_dir))
     model_cfg = dataclasses.replace(cfg.model, attention="xla")
     tokens = np.array([[1, 17, 250, 33, 4, 98, 7, 500]])
@@ -248,3 +259,99 @@ def test_convert_cli_round_trips_a_trained_run(trained_run, tmp_path):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
     _, params_back = load_run(str(back))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params_back)
+
+
+CHAT = [{"role": "system", "content": "You write Python."},
+        {"role": "user", "content": "def heappush(heap, item):"},
+        {"role": "assistant", "content": "    heap.append(item)\n    _siftdown(heap, 0, len(heap)-1)"},
+        {"role": "user", "content": "ünïcode — ✓?"},
+        {"role": "assistant", "content": ""}]
+
+
+def test_export_is_a_complete_chat_model(exported_run):
+    """The export of a run with the built-in SentencePiece tokenizer: AutoTokenizer encodes as the
+    run did, apply_chat_template gives the ids it trained on (BOS from data.add_bos included), and
+    transformers' greedy generation for a chat prompt is jaxllm's, token for token."""
+    import sysconfig
+
+    from jaxllm.data.chat import encode_conversation, load_template
+    from jaxllm.data.preference_data import PromptCompletionEncoder
+    from jaxllm.data.tokenizer import Tokenizer
+    from jaxllm.generate import completions
+    from jaxllm.run import load_run
+
+    run_dir, hf_dir, back = exported_run
+    cfg, params = load_run(str(run_dir))
+    sp = Tokenizer(str(run_dir / "tokenizer.model"))
+    tok = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "heapq.py")) as f:
+        text = f.read()
+    assert tok(text, add_special_tokens=False)["input_ids"] == sp.encode(text)
+    assert tok(text)["input_ids"] == [sp.bos_id] + sp.encode(text)  # data.add_bos
+    assert tok.decode(sp.encode(text)) == text
+
+    ids, _ = encode_conversation(CHAT, sp, cfg.sft.template, add_bos=cfg.data.add_bos)
+    assert tok.apply_chat_template(CHAT, tokenize=False) == "<s>" + load_template("chatml").render(CHAT)
+    assert list(tok.apply_chat_template(CHAT, return_dict=True)["input_ids"]) == list(ids)
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": sp.bos_id, "eos_token_id": sp.eos_id, "pad_token_id": sp.pad_id}
+
+    prompt = CHAT[:2]
+    ours_prompt = PromptCompletionEncoder(sp, cfg.sft.template, seq_len=64, add_bos=True).encode(prompt, "x")[0]
+    hf_prompt = list(tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert hf_prompt == list(ours_prompt)
+    ours = completions(cfg, params, [hf_prompt], max_new_tokens=12, temperature=0.0, stop_tokens=(sp.eos_id,),
+                       pad_id=sp.pad_id)[0]
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([hf_prompt]), max_new_tokens=12, do_sample=False)[0, len(hf_prompt):]
+    theirs = [t for t in out.tolist() if t != sp.eos_id]
+    assert len(ours) >= 8 and ours == theirs[:len(ours)] and len(theirs) == len(ours)
+    # hf-to-jaxllm keeps the tokenizer beside the params.
+    from jaxllm.data.hf_tokenizer import HFTokenizer
+
+    kept = HFTokenizer(str(back))
+    assert kept.encode(text) == sp.encode(text) and (kept.bos_id, kept.eos_id) == (sp.bos_id, sp.eos_id)
+
+
+def test_export_of_a_hf_tokenizer_run(tmp_path, capsys):
+    """A run with a Metaspace "always" tokenizer.json (transformers adds "▁" after its special
+    tokens): the export's tokenizer chats with the ids jaxllm trained on, the template is the run's
+    (not the tokenizer's), and the turn end <|im_end|> stops generation."""
+    from jaxllm import convert
+    from jaxllm.data.chat import encode_conversation, load_template
+    from jaxllm.data.hf_tokenizer import HFTokenizer
+    from jaxllm.data.tokenizer import keep_tokenizer
+    from jaxllm.run import save_params
+    from tests.test_chat_fidelity import CONVS, _folder, _train
+
+    raw = _train("metaspace-always-unigram")
+    src = _folder(tmp_path / "tok", raw.to_str(), load_template("tulu").source)
+    cfg = ModelConfig(vocab_size=raw.get_vocab_size(), d_model=32, n_layers=1, n_heads=2, d_ff=64, max_seq_len=64,
+                      dtype="float32")
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: 0.1 * rng.standard_normal(s).astype(np.float32), param_shapes(cfg),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    run = tmp_path / "run"
+    save_params(cfg, params, str(run))
+    keep_tokenizer(HFTokenizer(str(src)), str(run))  # with its tokenizer_config.json
+    ours = HFTokenizer(str(run))
+    assert (ours.bos_token, ours.eos_token, ours.chat_template) == ("<s>", "</s>", load_template("tulu").source)
+
+    assert convert.main(["jaxllm-to-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf")]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    original = transformers.AutoTokenizer.from_pretrained(str(src))
+    for conv in CONVS:
+        ids, _ = encode_conversation(conv, ours, "chatml", add_bos=True)  # the run's sft.template
+        assert tok.apply_chat_template(conv, tokenize=False) == "<s>" + load_template("chatml").render(conv)
+        assert list(tok.apply_chat_template(conv, return_dict=True)["input_ids"]) == list(ids)
+        unfixed = original.apply_chat_template(conv, chat_template=tok.chat_template, return_dict=True)
+        assert list(unfixed["input_ids"]) != list(ids)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [ours.eos_id, ours.token_to_id("<|im_end|>")]
+    # A template that cannot be read is a one-line error.
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("template: chatml",
+                                                                                "template: nonesuch"))
+    assert convert.main(["jaxllm-to-hf", "--checkpoint", str(run), "--out", str(tmp_path / "hf2")]) == 2
+    assert "sft.template: nonesuch: not a built-in" in capsys.readouterr().err

@@ -3,20 +3,25 @@
 A conversation is a `messages` list of `{"role": "system"|"user"|"assistant", "content": str}`
 (the tulu-3-sft-mixture / SmolTalk format).
 
-Templates are Jinja2 strings like Hugging Face's `chat_template`, rendered in a sandbox with
-transformers' settings (trim_blocks, lstrip_blocks, loop controls, `raise_exception`) and the
-variables `messages`, `bos_token`, `eos_token`, `add_generation_prompt`. The built-ins
-(`chatml`, `tulu`, `llama3`) are Jinja strings too, so every template goes through one path.
+Templates are `jaxllm.data.chat_template.ChatTemplate`s (Jinja2, as Hugging Face's
+`chat_template`), re-exported here with `load_template` and `TemplateError`.
 
-Loss spans are found template-agnostically, as open-instruct does, by rendering the
-conversation prefix by prefix: for an assistant message i the text between
-render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is the reply
-(content plus the turn's end marker / eos); the role header before it and whitespace after it
-are not trained on. Each such piece is tokenized on its own and the ids concatenated, so the
-token boundaries always coincide with the span boundaries (tokenizing the whole string could
-merge tokens across a boundary) and the prompt is tokenized exactly as at inference, where the
-generation prompt is tokenized alone. A template whose renders are not prefixes of each other
-(e.g. one that rewrites earlier turns) raises `TemplateError`.
+Loss spans. Each message's place in the render is found template-agnostically, as open-instruct
+does, by rendering the conversation prefix by prefix: for an assistant message i the text
+between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]) is the reply.
+A template with `{% generation %}` blocks marks the trained text itself (TRL's
+`assistant_only_loss`): the mask is exactly the blocks' text. Otherwise the mask is the reply's
+content plus the turn's end marker / eos; the role header before it and whitespace after it are
+not trained on. A template whose renders are not prefixes of each other (e.g. one that rewrites
+earlier turns) raises `TemplateError`.
+
+Tokens. The render is cut at those boundaries and each piece is tokenized on its own
+(`encode_piece`: the tokenizer's start-of-text prefix, such as SentencePiece's "▁", only on the
+first piece), so token boundaries coincide with span boundaries and the prompt is tokenized as
+at inference, where the generation prompt ends the text. The ids equal the tokenizer's encoding
+of the whole render except where the whole-text encoding would merge characters across a
+boundary; they decode to the render, never adding a character (transformers' own encoding with
+a Metaspace "always" or legacy `Prepend` tokenizer adds "▁" after every special token).
 
 `sft_segments` turns one SFT record into the segments that `jaxllm.data.sft_packing` lays
 into rows; `jaxllm.data.preference_data` builds preference rows from `encode_conversation`.
@@ -24,45 +29,18 @@ into rows; `jaxllm.data.preference_data` builds preference rows from `encode_con
 
 from __future__ import annotations
 
-import json
-import os
+import bisect
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
+# Callers use these as chat.X: a conversation's encoding and its template go together.
+from jaxllm.data.chat_template import (  # noqa: F401
+    BUILTIN_TEMPLATES, GEN_CLOSE, GEN_OPEN, ChatTemplate, TemplateError, load_template)
+
 ROLES = ("system", "user", "assistant")
 TRUNCATION = ("truncate_end", "drop")
-
-BUILTIN_TEMPLATES = {
-    "chatml": (
-        "{% for message in messages %}"
-        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-    # open-instruct's tulu template (the last assistant turn gets no trailing newline).
-    "tulu": (
-        "{% for message in messages %}"
-        "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
-        "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
-        "{% elif message['role'] == 'assistant' %}"
-        "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
-        "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
-        "{% endif %}"
-        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-        "{% endfor %}"),
-    "llama3": (
-        "{{ bos_token }}"
-        "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-        " + message['content'] | trim + '<|eot_id|>' }}"
-        "{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"),
-}
-
-
-class TemplateError(ValueError):
-    """A template that does not compile, or does not render conversation prefixes consistently."""
 
 
 class ConversationError(ValueError):
@@ -71,77 +49,6 @@ class ConversationError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}{': ' + detail if detail else ''}")
         self.reason = reason
-
-
-# ----------------------------------------------------------------------------- templates
-
-
-class ChatTemplate:
-    """A compiled Jinja2 chat template."""
-
-    def __init__(self, source: str, name: str = "<template>"):
-        from jinja2 import TemplateSyntaxError
-        from jinja2.ext import loopcontrols
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(f"{name}: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None: json.dumps(x, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = raise_exception
-        try:
-            self._template = env.from_string(source)
-        except TemplateSyntaxError as e:
-            raise TemplateError(f"{name}: bad Jinja template: {e}") from e
-        self.source, self.name = source, name
-
-    def render(self, messages: Sequence[dict], *, bos_token: str = "", eos_token: str = "",
-               add_generation_prompt: bool = False) -> str:
-        return self._template.render(messages=list(messages), bos_token=bos_token, eos_token=eos_token,
-                                     add_generation_prompt=add_generation_prompt)
-
-    def __repr__(self) -> str:
-        return f"ChatTemplate({self.name})"
-
-
-def load_template(spec: str | ChatTemplate | None = None, tokenizer=None) -> ChatTemplate:
-    """A template from a built-in name, a `tokenizer_config.json` path (or its folder), a Jinja
-    string, or (spec None) the tokenizer's own `chat_template`."""
-    if isinstance(spec, ChatTemplate):
-        return spec
-    if spec is None:
-        source = getattr(tokenizer, "chat_template", None)
-        if source is None:
-            raise TemplateError("no chat template given and the tokenizer has none")
-        return ChatTemplate(_pick_template(source, "tokenizer"), "tokenizer chat_template")
-    if spec in BUILTIN_TEMPLATES:
-        return ChatTemplate(BUILTIN_TEMPLATES[spec], spec)
-    if "{{" in spec or "{%" in spec:
-        return ChatTemplate(spec)
-    path = os.path.expanduser(spec)
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        raise TemplateError(f"{spec}: not a built-in template ({', '.join(BUILTIN_TEMPLATES)}), "
-                            "a Jinja string, or a tokenizer_config.json")
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if "chat_template" not in config:
-        raise TemplateError(f"{path}: no chat_template")
-    return ChatTemplate(_pick_template(config["chat_template"], path), path)
-
-
-def _pick_template(value, where: str) -> str:
-    # Newer configs may hold a list of named templates; SFT wants the default one.
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        if "default" not in named:
-            raise TemplateError(f"{where}: chat_template list has no 'default' ({', '.join(map(str, named))})")
-        value = named["default"]
-    if not isinstance(value, str):
-        raise TemplateError(f"{where}: chat_template is not a string")
-    return value
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -163,23 +70,6 @@ def _special_strings(tokenizer) -> dict[str, int]:
     return out
 
 
-def _encoder(tokenizer):
-    specials = _special_strings(tokenizer)
-    if not specials:
-        return tokenizer.encode
-    pattern = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
-
-    def encode(text: str) -> list[int]:
-        ids = []
-        for k, part in enumerate(pattern.split(text)):
-            if k % 2:
-                ids.append(specials[part])
-            elif part:
-                ids += tokenizer.encode(part)
-        return ids
-    return encode
-
-
 def validate_messages(messages: Any) -> list[dict]:
     """The conversation, or ConversationError saying what is wrong with it."""
     if not isinstance(messages, list) or not messages:
@@ -196,11 +86,9 @@ def validate_messages(messages: Any) -> list[dict]:
     return messages
 
 
-def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_token: str = "",
-                    eos_token: str = "") -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, is_assistant) pieces, found prefix by prefix."""
-    render = lambda msgs, gen=False: template.render(msgs, bos_token=bos_token, eos_token=eos_token,
-                                                     add_generation_prompt=gen)
+def _message_bounds(messages: Sequence[dict], template: ChatTemplate, render) -> list[tuple[int, int, int]]:
+    """(start, head, end) of each message in the whole render, found prefix by prefix; `head` is
+    where an assistant reply starts (after its generation prompt), else `start`."""
 
     def check(prefix: str, text: str, what: str):
         if not text.startswith(prefix):
@@ -209,44 +97,96 @@ def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_tok
                 f"each conversation prefix to render as a prefix of the whole. Got {prefix[-60:]!r} "
                 f"vs {text[len(prefix) - 60:len(prefix) + 20]!r}")
 
-    segments: list[tuple[str, bool]] = []
-    prev = ""
+    bounds, prev = [], ""
     for i, message in enumerate(messages):
         cur = render(messages[:i + 1])
         check(prev, cur, f"messages[:{i}] vs messages[:{i + 1}]")
-        if message["role"] != "assistant":
-            segments.append((cur[len(prev):], False))
-        else:
+        head = prev
+        if message["role"] == "assistant":
             try:
                 head = render(messages[:i], True)
             except Exception:
                 if i:
                     raise
                 head = prev  # a template that cannot render no messages: locate the reply instead
-            if head == prev:  # the template ignores add_generation_prompt: find the reply itself
-                at = cur.find(message["content"].strip(), len(prev)) if message["content"].strip() else -1
+            if head == prev and not template.has_generation:  # add_generation_prompt ignored: find the reply
+                if not message["content"].strip():
+                    raise ConversationError("empty reply the template cannot locate",
+                                            f"message {i}; the template ignores add_generation_prompt")
+                at = cur.find(message["content"].strip(), len(prev))
                 if at < 0:
                     raise TemplateError(f"{template.name}: cannot locate assistant message {i} in the "
                                         "render (the template ignores add_generation_prompt)")
                 head = cur[:at]
             check(prev, head, f"messages[:{i}] vs its generation prompt")
             check(head, cur, f"generation prompt vs messages[:{i + 1}]")
-            reply = cur[len(head):]
-            body = reply.rstrip()  # trailing newline after the end marker: not the model's to predict
-            segments += [(head[len(prev):], False), (body, True), (reply[len(body):], False)]
+        bounds.append((len(prev), len(head), len(cur)))
         prev = cur
-    return [(text, a) for text, a in segments if text]
+    return bounds
+
+
+def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_token: str = "",
+                    eos_token: str = "") -> list[tuple[str, int]]:
+    """The rendered conversation as (text, turn) pieces: turn k > 0 on the trained text of the
+    k-th assistant message (its generation blocks, or its reply up to trailing whitespace)."""
+    def render(msgs, gen=False):
+        return template.render(msgs, bos_token=bos_token, eos_token=eos_token, add_generation_prompt=gen)
+
+    if template.has_generation and any(c in m["content"] for m in messages for c in (GEN_OPEN, GEN_CLOSE)):
+        raise ConversationError("content has a reserved character", "U+FDD0 or U+FDD1")
+    bounds = _message_bounds(messages, template, render)
+    turn_of = list(np.cumsum([m["role"] == "assistant" for m in messages]))
+    if template.has_generation:
+        text, spans = template.render_spans(messages, bos_token=bos_token, eos_token=eos_token)
+        if len(text) != bounds[-1][2]:
+            raise TemplateError(f"{template.name}: renders differently from one call to the next")
+    else:
+        text = render(messages)
+        spans = []
+        for (_, head, end), m in zip(bounds, messages):
+            if m["role"] == "assistant":  # trailing newline after the end marker: not the model's to predict
+                spans.append((head, head + len(text[head:end].rstrip())))
+    cuts = sorted({0, len(text)} | {x for b in bounds for x in b} | {x for sp in spans for x in sp})
+    ends = [end for _, _, end in bounds]
+    segments = []
+    for a, b in zip(cuts, cuts[1:]):
+        i = min(bisect.bisect_right(ends, a), len(messages) - 1)  # the message holding text[a:b]
+        trained = any(s <= a and b <= e for s, e in spans)
+        if trained and messages[i]["role"] != "assistant":
+            raise TemplateError(f"{template.name}: a generation block outside an assistant message "
+                                f"(message {i}, {messages[i]['role']})")
+        segments.append((text[a:b], int(turn_of[i]) if trained else 0))
+    return [(t, k) for t, k in segments if t]
 
 
 class ChatEncoder:
-    """Text -> ids with the template's bos/eos strings mapped to their ids, plus those strings."""
+    """Text -> ids with the template's bos/eos strings mapped to their ids, plus those strings.
+
+    `encode(text, start)` encodes a piece of a longer text through the tokenizer's
+    `encode_piece` (the start-of-text prefix only where `start`); a tokenizer without one
+    (no such prefix) uses `encode`."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.encode = _encoder(tokenizer)
-        specials = {i: s for s, i in _special_strings(tokenizer).items()}
-        self.bos_token = specials.get(tokenizer.bos_id, "")
-        self.eos_token = specials.get(tokenizer.eos_id, "")
+        self.specials = _special_strings(tokenizer)
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(self.specials, key=len, reverse=True))) + ")")
+                       if self.specials else None)
+        piece = getattr(tokenizer, "encode_piece", None)
+        self._piece = piece if piece is not None else lambda text, start: tokenizer.encode(text)
+        by_id = {i: s for s, i in self.specials.items()}
+        self.bos_token = by_id.get(tokenizer.bos_id, "")
+        self.eos_token = by_id.get(tokenizer.eos_id, "")
+
+    def encode(self, text: str, start: bool = False) -> list[int]:
+        if self._split is None:
+            return self._piece(text, start)
+        ids = []
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:
+                ids.append(self.specials[part])
+            elif part:
+                ids += self._piece(part, start and k == 0)
+        return ids
 
 
 def encode_conversation(messages: Any, tokenizer, template: ChatTemplate | str | None, *,
@@ -254,20 +194,19 @@ def encode_conversation(messages: Any, tokenizer, template: ChatTemplate | str |
                         ) -> tuple[np.ndarray, np.ndarray]:
     """(ids int32, turns int32) of one whole conversation, untruncated.
 
-    turns[t] is k on the tokens of the k-th assistant reply (1, 2, ...; content plus its end
-    marker) and 0 elsewhere. Malformed conversations raise ConversationError. `add_bos`
-    prepends BOS unless the template already starts with it.
+    turns[t] is k on the trained tokens of the k-th assistant message (1, 2, ...; see
+    `render_segments`) and 0 elsewhere. Malformed conversations raise ConversationError.
+    `add_bos` prepends BOS unless the template already starts with it.
     """
     messages = validate_messages(messages)
     template = load_template(template, tokenizer)
     encoder = encoder or ChatEncoder(tokenizer)
     segments = render_segments(messages, template, bos_token=encoder.bos_token, eos_token=encoder.eos_token)
-    ids, turns, k = [], [], 0
-    for text, is_assistant in segments:
-        piece = encoder.encode(text)
-        k += is_assistant
+    ids, turns = [], []
+    for n, (text, turn) in enumerate(segments):
+        piece = encoder.encode(text, start=n == 0)
         ids += piece
-        turns += [k if is_assistant else 0] * len(piece)
+        turns += [turn] * len(piece)
     if add_bos and tokenizer.bos_id >= 0 and ids[:1] != [tokenizer.bos_id]:
         ids, turns = [tokenizer.bos_id] + ids, [0] + turns
     return np.asarray(ids, np.int32), np.asarray(turns, np.int32)

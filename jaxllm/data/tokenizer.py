@@ -48,9 +48,20 @@ class Tokenizer:
         self.path = model_file
         self._proto = model_proto
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        self._piece_sp = None  # (start, rest) processors of encode_piece, built on first use
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
+
+    def encode_piece(self, text: str, start: bool = False) -> list[int]:
+        """Ids of `text` as a piece of a longer text (chat encoding): a dummy prefix only at the
+        text's start and no whitespace removed (`jaxllm.data.sp_model.piece_models`)."""
+        if self._piece_sp is None:
+            from jaxllm.data.sp_model import piece_models
+
+            self._piece_sp = tuple(self._sp if p is None else spm.SentencePieceProcessor(model_proto=p)
+                                   for p in piece_models(self._proto))
+        return self._piece_sp[0 if start else 1].encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
@@ -89,6 +100,7 @@ class Tokenizer:
     def __setstate__(self, state):
         self.path, self._proto = state["path"], state["proto"]
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        self._piece_sp = None
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path or '<in memory>'}, vocab_size={self.vocab_size})"
@@ -276,10 +288,16 @@ def run_tokenizer(cfg, run_dir: str | None = None):
 
 def keep_tokenizer(tokenizer, folder: str) -> None:
     """Copies a tokenizer's file (a tokenizer or a path) into `folder` (atomically; a no-op if a
-    copy is there)."""
+    copy is there). A tokenizer.json takes its tokenizer_config.json (bos/eos/pad) and
+    chat_template.jinja along, so the copy has the same special tokens and template."""
+    from jaxllm.data.chat_template import CONFIG_FILE, TEMPLATE_FILE
+
     src = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None)
     if not src or saved_tokenizer(folder):
         return
     name = "tokenizer.json" if src.endswith(".json") else "tokenizer.model"
-    with open(src, "rb") as f:
-        _atomic_write(os.path.join(folder, name), f.read())
+    companions = [CONFIG_FILE, TEMPLATE_FILE] if name == "tokenizer.json" else []
+    copies = [(p, n) for n in companions if os.path.isfile(p := os.path.join(os.path.dirname(src), n))]
+    for path, n in copies + [(src, name)]:  # the tokenizer file last: it marks a complete copy
+        with open(path, "rb") as f:
+            _atomic_write(os.path.join(folder, n), f.read())

@@ -184,6 +184,16 @@ class _ShardReader:
             return np.asarray(self._handle(path, "flax").get_tensor(name))
 
 
+def read_safetensors(file) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as host numpy (bf16 as ml_dtypes.bfloat16)."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="np") as f:
+        names = list(f.keys())
+    reader = _ShardReader(dict.fromkeys(names, Path(file)))
+    return {name: reader.get(name) for name in names}
+
+
 def _tensor_files(path: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
@@ -196,15 +206,19 @@ def _tensor_files(path: Path) -> dict[str, Path]:
     raise HFFormatError(f"{path}: no {_SAFETENSORS} or {_INDEX} (only safetensors checkpoints are supported)")
 
 
+def read_model_config(path, dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of a HF directory's config.json (`dtype` the compute dtype)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        raise HFFormatError(f"{path}: no config.json")
+    return config_from_hf(json.loads(config_file.read_text()), dtype=dtype)
+
+
 def load_hf_checkpoint(path, dtype="float32") -> tuple[ModelConfig, dict]:
     """Reads a HF directory into (ModelConfig, params); params are host numpy arrays of `dtype`."""
     path = Path(path)
     np_dtype = _np_dtype(dtype)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise HFFormatError(f"{path}: no config.json")
-    cfg = config_from_hf(json.loads(config_file.read_text()),
-                         dtype="float32" if np_dtype == np.float32 else "bfloat16")
+    cfg = read_model_config(path, dtype="float32" if np_dtype == np.float32 else "bfloat16")
     files = _tensor_files(path)
 
     found = {k for k in files if not k.endswith("rotary_emb.inv_freq")}  # buffers of old exports
