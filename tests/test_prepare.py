@@ -115,7 +115,7 @@ def test_command_line(corpus, tmp_path, capsys):
     assert prepare.main(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["documents"] == 60 and report["dtype"] == "uint16"
-    assert prepare.main(args) == 1 and "exists; pass --overwrite" in capsys.readouterr().err
+    assert prepare.main(args) == 2 and "exists; pass --overwrite" in capsys.readouterr().err
     assert prepare.main(args + ["--overwrite", "--no-bos"]) == 0
     assert json.loads((out / "manifest.json").read_text())["add_bos"] is False
     cfg = tmp_path / "cfg.yaml"
@@ -125,7 +125,7 @@ def test_command_line(corpus, tmp_path, capsys):
     manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert manifest["add_eos"] is False and manifest["sources"]["split"] == "train"
     assert manifest["documents"] == 60 and manifest["tokens"] == sum(len(tok.encode(t)) + 1 for t in texts)
-    assert prepare.main(["--input", f"prepared:{out}", "--tokenizer", tok.path, "--output", str(tmp_path / "x")]) == 1
+    assert prepare.main(["--input", f"prepared:{out}", "--tokenizer", tok.path, "--output", str(tmp_path / "x")]) == 2
     assert "already prepared token shards" in capsys.readouterr().err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")

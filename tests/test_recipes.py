@@ -38,7 +38,9 @@ from jaxllm.optim import make_schedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = os.path.join(ROOT, "configs", "recipes")
-NOT_PUBLISHED = {"tiny-3stage.yaml", "smollm2-135m-4stage.yaml"}  # examples, not published runs
+# Examples, not published runs (kk-grpo-lopti follows the AR-Lopti scripts, but on Qwen2.5-3B's
+# shape with optimizer defaults its fork leaves unstated).
+NOT_PUBLISHED = {"tiny-3stage.yaml", "smollm2-135m-4stage.yaml", "kk-grpo-lopti.yaml"}
 
 # alignment-handbook recipes/smollm2/sft/config.yaml chat_template (SmolLM2-Instruct's).
 SMOLLM2_TEMPLATE = (
@@ -110,6 +112,16 @@ TABLE = [
     Published("smollm2-1.7b-dpo.yaml", params_m=1711.4, init_from="smollm2-1.7b-sft.yaml", **SMOL_DPO),
     Published("smollm2-360m-dpo.yaml", params_m=361.8, init_from="smollm2-360m-sft.yaml", **SMOL_DPO),
     Published("smollm2-135m-dpo.yaml", params_m=134.5, init_from="smollm2-135m-sft.yaml", **SMOL_DPO),
+    # open-instruct docs/tulu3.md's RLVR command and ppo_vllm_thread_ray_gtrl.py's defaults: batch is
+    # prompts x samples per step, seq_len prompt + response tokens.
+    Published("tulu3-8b-rlvr.yaml", task="rl", params_m=8030.3, lr=3e-7, schedule="linear", warmup=0, batch=224,
+              seq_len=4096, betas=(0.9, 0.999), eps=1e-5, weight_decay=0.0, grad_clip=1.0, seed=3,
+              total_steps=44642, init_from="tulu3-8b-dpo.yaml",
+              extra=(("rl.estimator", "gae"), ("rl.ppo_epochs", 4), ("rl.mini_batches", 1), ("rl.rollout_n", 1),
+                     ("rl.kl_coef", 0.05), ("rl.kl_kind", "k1"), ("rl.kl_in_reward", True), ("rl.temperature", 1.0),
+                     ("rl.gamma", 1.0), ("rl.lam", 0.95), ("rl.clip_low", 0.2), ("rl.clip_high", 0.2),
+                     ("rl.value_clip", 0.2), ("rl.rewards", {"verifiable": 10.0}), ("rl.non_stop_penalty", -10.0),
+                     ("rl.value_init", "runs/tulu3-8b-rm"), ("sft.template", "tulu"))),
     # Not a published run, but it must keep the 135M's published optimizer, schedule and length.
     Published("smollm2-135m-4stage.yaml", **SMOL_135M, **SMOL_PRETRAIN),
 ]
@@ -135,8 +147,10 @@ def check_recipe(path: str, p: Published) -> None:
     """Asserts that the recipe at `path` resolves to the published numbers of row `p`."""
     cfg = load_config(path)
     o, t = cfg.optimizer, cfg.trainer
+    rl = cfg.task == "rl"  # rows are prompts x samples, prompt + response tokens long
     got = dict(task=cfg.task, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay,
-               grad_clip=o.grad_clip, batch=t.batch_size, seq_len=cfg.data.seq_len, seed=t.seed,
+               grad_clip=o.grad_clip, batch=cfg.rl.rows_per_step if rl else t.batch_size,
+               seq_len=cfg.rl.max_prompt_len + cfg.rl.response_len if rl else cfg.data.seq_len, seed=t.seed,
                data_seed=cfg.data.seed, epochs=t.epochs, min_lr=cfg.schedule.min_lr,
                params_m=round(cfg.model.num_params() / 1e6, 1))
     want = dict(task=p.task, lr=p.lr, betas=p.betas, eps=p.eps, weight_decay=p.weight_decay,
@@ -155,6 +169,9 @@ def check_recipe(path: str, p: Published) -> None:
     if p.epochs:  # the curve's shape does not depend on the run's length: check a 1000-step run
         total = 1000
         cfg = load_config(path, [f"trainer.total_steps={total}"])
+    elif rl:
+        total = t.total_steps
+        assert total == p.total_steps
     else:
         total = t.total_steps
         assert total == p.total_steps
