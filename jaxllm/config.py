@@ -401,7 +401,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(msg)
     # With epochs or total_tokens, total_steps is known later: validate runs again then.
     length_known = t.epochs <= 0 and t.total_tokens <= 0
-    check_schedule(cfg.optimizer, cfg.schedule, t.total_steps if length_known else None)
+    # The schedule counts optimizer updates (several per step for PPO-style RL).
+    updates = t.total_steps * tasks.task_class(cfg.task).updates_per_step(cfg)
+    check_schedule(cfg.optimizer, cfg.schedule, updates if length_known else None)
     tasks.validate(cfg)
     curriculum.validate_mixture(cfg)
 

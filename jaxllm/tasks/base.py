@@ -102,6 +102,11 @@ class Task(abc.ABC):
         self.objective = self.make_objective()
 
     @classmethod
+    def updates_per_step(cls, cfg) -> int:
+        """Optimizer updates per step (what the LR schedule counts)."""
+        return 1
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         """Task-specific config checks (ConfigError); the registry's `validate` calls it."""
 

@@ -49,6 +49,11 @@ class RLTask(Task):
         self.rollouts: RolloutSource | None = None
 
     @classmethod
+    def updates_per_step(cls, cfg) -> int:
+        rl = cfg.rl
+        return rl.ppo_epochs * rl.mini_batches * (2 if rl.lopti_eta > 0 else 1)
+
+    @classmethod
     def check_config(cls, cfg) -> None:
         rl, t = cfg.rl, cfg.trainer
         check_rewards(rl)
