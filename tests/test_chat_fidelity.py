@@ -247,3 +247,38 @@ def test_sentencepiece_model_with_dummy_prefix(tmp_path):
     ref = _hf_ids(theirs, conv)
     segments = render_segments(conv, load_template(MISTRAL), bos_token="<s>", eos_token="</s>")
     _check_boundary_only(list(ids), ref, theirs, render, np.cumsum([len(t) for t, _ in segments]))
+
+
+def test_encode_piece_prefix_rules(trained, tmp_path):
+    """The start-of-text prefix once, at the start, never after an added token: checked against
+    tokenizers' own whole-text encoding (prepend_scheme "first") for Metaspace, by hand for a
+    byte-level tokenizer with add_prefix_space (which transformers spaces after every special)."""
+    from tokenizers import Tokenizer as RawTok
+
+    from jaxllm.data.hf_export import tokenizer_json
+    from jaxllm.data.hf_tokenizer import PrefixError
+
+    meta = HFTokenizer(str(_folder(tmp_path / "m", trained["metaspace-always-bpe"].to_str(), "")))
+    first = RawTok.from_str(prefix_at_start_only(trained["metaspace-always-bpe"].to_str()))
+    for text in ("Hi there", " Hi there", "<|im_start|>user\nHi", "\nHi", ""):
+        assert meta.encode_piece(text, start=True) == first.encode(text, add_special_tokens=False).ids
+    assert meta.id_to_piece(meta.encode_piece("Hi", start=True)[0]).startswith("▁")
+    assert not meta.id_to_piece(meta.encode_piece("Hi")[0]).startswith("▁")
+    assert meta.encode("Hi") == meta.encode_piece("Hi", start=True)  # a plain document: unchanged
+
+    spec = json.loads(trained["bytelevel"].to_str())
+    spec["pre_tokenizer"]["add_prefix_space"] = True
+    spaced = HFTokenizer(str(_folder(tmp_path / "b", json.dumps(spec), "")))
+    assert spaced.decode(spaced.encode("<|im_start|>Hi")) == "<|im_start|> Hi"  # the tokenizer's own habit
+    assert spaced.decode(spaced.encode_piece("<|im_start|>Hi", start=True)) == "<|im_start|>Hi"
+    assert spaced.decode(spaced.encode_piece("Hi", start=True)) == " Hi"
+    assert spaced.decode(spaced.encode_piece("Hi")) == "Hi"
+    with pytest.raises(PrefixError, match="no start-only form"):
+        prefix_at_start_only(json.dumps(spec))
+    assert "kept as it is" in tokenizer_json(spaced, add_bos=False)[1][0]  # the export says so
+
+    spec = json.loads(trained["legacy-prepend"].to_str())
+    spec["normalizer"]["normalizers"][0]["prepend"] = "#"
+    odd = HFTokenizer(str(_folder(tmp_path / "p", json.dumps(spec), "")))
+    with pytest.raises(PrefixError, match=r"Prepend\('#'\) is not supported"):
+        odd.encode_piece("Hi")

@@ -86,9 +86,9 @@ def validate_messages(messages: Any) -> list[dict]:
     return messages
 
 
-def _message_bounds(messages: Sequence[dict], template: ChatTemplate, render) -> list[tuple[int, int, int]]:
-    """(start, head, end) of each message in the whole render, found prefix by prefix; `head` is
-    where an assistant reply starts (after its generation prompt), else `start`."""
+def _message_bounds(messages: Sequence[dict], template: ChatTemplate, render) -> tuple[list[tuple[int, int, int]], str]:
+    """([(start, head, end)] of each message in the whole render, found prefix by prefix, the
+    render); `head` is where an assistant reply starts (after its generation prompt), else `start`."""
 
     def check(prefix: str, text: str, what: str):
         if not text.startswith(prefix):
@@ -122,7 +122,7 @@ def _message_bounds(messages: Sequence[dict], template: ChatTemplate, render) ->
             check(head, cur, f"generation prompt vs messages[:{i + 1}]")
         bounds.append((len(prev), len(head), len(cur)))
         prev = cur
-    return bounds
+    return bounds, prev
 
 
 def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_token: str = "",
@@ -134,14 +134,13 @@ def render_segments(messages: Sequence[dict], template: ChatTemplate, *, bos_tok
 
     if template.has_generation and any(c in m["content"] for m in messages for c in (GEN_OPEN, GEN_CLOSE)):
         raise ConversationError("content has a reserved character", "U+FDD0 or U+FDD1")
-    bounds = _message_bounds(messages, template, render)
+    bounds, text = _message_bounds(messages, template, render)
     turn_of = list(np.cumsum([m["role"] == "assistant" for m in messages]))
     if template.has_generation:
-        text, spans = template.render_spans(messages, bos_token=bos_token, eos_token=eos_token)
-        if len(text) != bounds[-1][2]:
+        marked, spans = template.render_spans(messages, bos_token=bos_token, eos_token=eos_token)
+        if marked != text:
             raise TemplateError(f"{template.name}: renders differently from one call to the next")
     else:
-        text = render(messages)
         spans = []
         for (_, head, end), m in zip(bounds, messages):
             if m["role"] == "assistant":  # trailing newline after the end marker: not the model's to predict

@@ -63,11 +63,11 @@ def special_tokens(tokenizer) -> dict[str, str]:
 def trained_template(template: ChatTemplate, tokenizer, *, add_bos: bool) -> str:
     """The template's source, prefixed with `{{ bos_token }}` where the run put a BOS before
     conversations the template does not start with one (data.add_bos)."""
-    bos = ChatEncoder(tokenizer).bos_token
-    if not add_bos or tokenizer.bos_id < 0 or not bos:
+    encoder = ChatEncoder(tokenizer)
+    if not add_bos or tokenizer.bos_id < 0 or not encoder.bos_token:
         return template.source
-    render = template.render(_PROBE, bos_token=bos, eos_token=ChatEncoder(tokenizer).eos_token)
-    return template.source if render.startswith(bos) else "{{ bos_token }}" + template.source
+    render = template.render(_PROBE, bos_token=encoder.bos_token, eos_token=encoder.eos_token)
+    return template.source if render.startswith(encoder.bos_token) else "{{ bos_token }}" + template.source
 
 
 def stop_tokens(tokenizer, template: ChatTemplate) -> tuple[list[int], list[str]]:

@@ -10,7 +10,9 @@ they are.
 
 `to_tokenizer_json` writes the same model for the `tokenizers` library: BPE (merges ranked by
 the merged piece's score, SentencePiece's own order; ties between two different splits of one
-piece overlapping in a word are the only place the two can differ) or Unigram, byte fallback,
+piece overlapping in a word are the only place the two can differ) or Unigram (the same
+segmentation but between ones of equal score, e.g. runs of whitespace pieces in another order,
+which SentencePiece's float rounding picks), byte fallback,
 the normaliser's precompiled character map, the dummy prefix as a Metaspace "first"
 pre-tokenizer, and the control pieces (<unk>, <s>, </s>, <pad>) as special added tokens, so their
 text maps to their ids as jaxllm's chat encoding maps the bos/eos strings.
