@@ -6,6 +6,7 @@ settings named and defaulted as datatrove's arguments, and the CLI end to end.""
 import ast
 import collections
 import functools
+import gzip
 import inspect
 import json
 import os
@@ -29,7 +30,7 @@ from datatrove.utils.word_tokenizers import load_word_tokenizer
 
 from jaxllm.curate import quality, scoring
 from jaxllm.curate.cli import main
-from jaxllm.curate.config import CurateConfig
+from jaxllm.curate.config import CurateConfig, load_config
 from jaxllm.curate.decontaminate import ngram_hashes
 from jaxllm.curate.filters import BAD_WORDS_PATH, LocalBadWordsFilter
 from jaxllm.curate.pipeline import curate
@@ -217,9 +218,7 @@ def test_settings_are_datatrove_arguments_with_its_defaults():
         cfg.minhash_n_grams, cfg.minhash_num_buckets, cfg.minhash_hashes_per_bucket, cfg.minhash_seed)
     assert NGramsDecontConfig().n_grams == cfg.decontam_n_grams
     with pytest.raises(ConfigError, match="c4_min_sentences: renamed to c4_min_num_sentences"):
-        main_cfg = {"c4_min_sentences": 3}
-        from jaxllm.curate.config import load_config
-        load_config(None, main_cfg)
+        load_config(None, {"c4_min_sentences": 3})
 
 
 # ----------------------------------------------------------------------------- records
@@ -255,6 +254,22 @@ def test_records_keep_their_id_and_fields(tmp_path, capsys):
                  "--dedup", "none", "--workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == f"error: {src}:3: malformed json (strict mode)"
+
+
+def test_url_inputs_and_output_formats(tmp_path):
+    records = [{"id": f"r{i}", "text": f"Document number {i} is here.", "n": i, "tags": ["a", str(i)]} for i in range(6)]
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        write_jsonl(tmp_path / "in" / f"part{k}.jsonl", records[k::2])
+    # a URL pattern goes to datatrove's reader as folder + glob (s3://, hf://, ... alike)
+    report = curate(CurateConfig(input=[f"file://{tmp_path}/in/part*.jsonl"], output=str(tmp_path / "out.parquet"),
+                                 filters=[], dedup=[], workers=1))
+    assert report["input"]["files"] == 2 and report["output"]["format"] == "parquet"
+    assert sorted(pq.read_table(tmp_path / "out.parquet").to_pylist(), key=lambda r: r["n"]) == records
+    curate(CurateConfig(input=[str(tmp_path / "in")], output=str(tmp_path / "out.jsonl.gz"), filters=[], dedup=[],
+                        workers=1))
+    with gzip.open(tmp_path / "out.jsonl.gz", "rt") as f:
+        assert sorted((json.loads(line) for line in f), key=lambda r: r["n"]) == records
 
 
 # ----------------------------------------------------------------------------- dedup

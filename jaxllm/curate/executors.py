@@ -44,8 +44,9 @@ def log_dir(work: str, stage) -> str:
 
 def local_executor(cfg: CurateConfig, stage, work: str, workers: int | None = None):
     workers = workers or cfg.workers or os.cpu_count() or 1
+    # bookkeeping stages (the report) always rerun: their inputs may be newer than their last run
     return LocalPipelineExecutor(stage.pipeline, tasks=stage.tasks, workers=min(workers, stage.tasks),
-                                 logging_dir=log_dir(work, stage))
+                                 logging_dir=log_dir(work, stage), skip_completed=not stage.in_driver)
 
 
 def ray_executor(cfg: CurateConfig, stage, work: str):

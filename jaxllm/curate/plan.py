@@ -29,6 +29,7 @@ from jaxllm.curate import dedup, scoring
 from jaxllm.curate.config import CurateConfig
 from jaxllm.curate.decontaminate import EvalNGramIndexer
 from jaxllm.curate.filters import build_filter
+from jaxllm.curate.quality import QualityModel
 from jaxllm.curate.readers import InputSet, WorkReader, make_reader, resolve_inputs
 from jaxllm.curate.writers import RemovalLog, output_writer, work_writer
 
@@ -121,6 +122,7 @@ def _first_pass(b: _Builder, cfg: CurateConfig, shares: list[InputSet]) -> None:
         b.add(NGramsDecontFilter(index, config=NGramsDecontConfig(n_grams=cfg.decontam_n_grams),
                                  exclusion_writer=log, language=cfg.language), "decontaminate")
     if cfg.quality_model:
+        QualityModel.load(cfg.quality_model)  # a missing or foreign file fails here, not in every task
         b.add(scoring.HashedBigramScorer(cfg.quality_model), "quality", counts=False)
 
 

@@ -48,7 +48,7 @@ def _stage_counts(stats: collections.Counter) -> dict:
         if key.startswith("dropped_"):
             rules[key[len("dropped_"):]] = {"removed": int(value)}
         elif key.startswith("line-filter-"):
-            rules.setdefault(key[len("line-filter-"):], {"removed": 0})["lines_removed"] = int(value)
+            rules.setdefault(key[len("line-filter-"):], {})["lines_removed"] = int(value)
     return {"seen": int(stats["total"]), "removed": int(stats["dropped"]), "modified": int(stats["modified"]),
             "rules": rules}
 
@@ -98,11 +98,14 @@ class ReportStep(PipelineStep):
     def __init__(self, info: dict):
         super().__init__()
         self.info = info
+        self.index_info: dict = {}   # the decontamination index's index.json, when there is one
+        self.examples: dict = {}     # report stage -> rule -> first removal record
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         info, work = self.info, self.info["work"]
         stages = self._stage_stats()
-        self._removals(stages)
+        self._read_index_info()
+        self._removals()
         if info["single_file"]:
             merge_output(info["out_folder"], info["output"], info["output_format"])
         report = self._assemble(stages)
@@ -122,10 +125,10 @@ class ReportStep(PipelineStep):
                     acc.update(stats)
         return stages
 
-    def _removals(self, stages: dict) -> None:
+    def _removals(self) -> None:
         """Examples per rule, duplicate_of / eval_file resolved, and the --removed file."""
         work, removed_path = self.info["work"], self.info["config"]["removed"]
-        keepers, index_files = _keepers(work), self._index_files()
+        keepers, index_files = _keepers(work), self.index_info.get("files", {})
         self.examples = collections.defaultdict(dict)
         out = open(removed_path, "w", encoding="utf-8") if removed_path else None
         try:
@@ -143,17 +146,15 @@ class ReportStep(PipelineStep):
             if out:
                 out.close()
 
-    def _index_files(self) -> dict:
+    def _read_index_info(self) -> None:
         path = os.path.join(self.info["work"], "decontam_index", INDEX_INFO)
-        if not os.path.isfile(path):
-            return {}
-        with open(path) as f:
-            self.index_info = json.load(f)
-        return self.index_info["files"]
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.index_info = json.load(f)
 
     def _stage_entry(self, name: str, stats: collections.Counter) -> dict:
         entry = {**_stage_counts(stats), "seconds": round(stats["seconds"], 3)}
-        if name == "decontaminate" and getattr(self, "index_info", None):
+        if name == "decontaminate" and self.index_info:
             files = self.index_info["files"]
             entry["by_eval_file"] = {files.get(k[len("contaminated_"):], k): int(v) for k, v in stats.items()
                                      if k.startswith("contaminated_")}
