@@ -92,23 +92,14 @@ def run_adapters(run_dir: str, step: int | None = None):
     """(Config, host adapters) of a LoRA run's newest complete checkpoint, not folded in."""
     import jax
 
-    from jaxllm.checkpoint import Checkpointer
-    from jaxllm.run import abstract_tree, read_config
-    from jaxllm.tasks import make_task
-    from jaxllm.tasks.params import run_keys
+    from jaxllm.run import load_trainable, read_config
 
-    cfg = read_config(run_dir)
-    if not cfg.lora.enabled:
+    if not read_config(run_dir).lora.enabled:
         raise UserError(f"{run_dir}: not a LoRA run (lora.rank is 0); jaxllm-to-hf exports its weights")
-    ckpt = Checkpointer(run_dir, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise UserError(f"{ckpt.directory} holds no complete checkpoint")
-    task = make_task(dataclasses.replace(cfg, model=make_task(cfg).model_at(step)))
-    keys = run_keys(cfg.trainer.seed)
-    trainable = ckpt.restore_params(step, abstract_tree(
-        lambda: task.init_trainable(task.init_model_params(keys.model), keys.adapters)))
-    ckpt.close()
+    try:
+        cfg, trainable = load_trainable(run_dir, step)
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     return cfg, jax.device_get(trainable["adapters"])
 
 

@@ -68,15 +68,17 @@ def chat_replies(cfg, params, tokenizer, prompts: list[list[dict]], *, n: int = 
                  batch_size: int = 64, mesh=None) -> list[list[str]]:
     """`n` replies to each chat prompt (message lists), rendered with the run's template as in
     training (`sft.template`, BOS per data.add_bos); temperature 0 decodes greedily."""
+    from jaxllm.data.hf_export import stop_tokens
     from jaxllm.data.preference_data import PromptCompletionEncoder
 
     encoder = PromptCompletionEncoder(tokenizer, cfg.sft.template, seq_len=cfg.data.seq_len, add_bos=cfg.data.add_bos)
+    stops = stop_tokens(tokenizer, encoder.template)[0]  # EOS, and a one-token turn end (<|im_end|>)
     # The generation prompt is everything before the reply: encode with a placeholder reply.
     ids = [encoder.encode(p, "x")[0].tolist() for p in prompts for _ in range(n)]
     out = []
     for start in range(0, len(ids), batch_size):
         news = completions(cfg.model, params, ids[start:start + batch_size], max_new_tokens=max_new_tokens,
-                           temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_token_ids(tokenizer),
+                           temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops,
                            rng=jax.random.fold_in(jax.random.key(seed), start), pad_id=pad_token_id(cfg, tokenizer),
                            mesh=mesh)
         out += [reply_text(tokenizer, new) for new in news]

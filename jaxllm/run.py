@@ -71,10 +71,9 @@ def load_initial_params(cfg, fresh: dict) -> dict:
     return out
 
 
-def load_run(run_dir: str, step: int | None = None):
-    """(Config, model params) of the newest complete checkpoint of a run (or of `save_params`
-    output). Model params include objective extras (a reward head); a LoRA run's adapters are
-    folded into its base model (rebuilt from the run's config)."""
+def load_trainable(run_dir: str, step: int | None = None):
+    """(Config with the model of the checkpoint's stage, trainable params) of the newest complete
+    checkpoint of a run: the model params, or under LoRA the adapters and objective extras."""
     cfg = read_config(run_dir)
     ckpt = Checkpointer(run_dir, async_save=False)
     step = ckpt.latest_step() if step is None else step
@@ -90,8 +89,17 @@ def load_run(run_dir: str, step: int | None = None):
 
     trainable = ckpt.restore_params(step, abstract_tree(abstract_trainable))
     ckpt.close()
+    return cfg, trainable
+
+
+def load_run(run_dir: str, step: int | None = None):
+    """(Config, model params) of the newest complete checkpoint of a run (or of `save_params`
+    output). Model params include objective extras (a reward head); a LoRA run's adapters are
+    folded into its base model (rebuilt from the run's config)."""
+    cfg, trainable = load_trainable(run_dir, step)
     if not cfg.lora.enabled:
         return cfg, trainable
+    task = make_task(cfg)
     return cfg, task.effective_params(trainable, task.frozen_params(initial_model_params(cfg)))
 
 
@@ -117,7 +125,11 @@ def load_init_params(model_cfg, path: str, extra_keys: tuple[str, ...] = ()):
     """Host params for `model.init_from`, checked against `model_cfg`'s shapes. Top-level
     `extra_keys` (an objective's own params, e.g. a reward head) may be present or not."""
     path = os.path.expanduser(path)
-    if os.path.exists(os.path.join(path, "config.json")):
+    if os.path.exists(os.path.join(path, "adapter_config.json")):  # a PEFT adapter over its base
+        from jaxllm.models.peft import load_peft_model
+
+        _, params = load_peft_model(path)
+    elif os.path.exists(os.path.join(path, "config.json")):
         from jaxllm.models.hf import load_hf_checkpoint
 
         _, params = load_hf_checkpoint(path)
@@ -125,7 +137,8 @@ def load_init_params(model_cfg, path: str, extra_keys: tuple[str, ...] = ()):
         _, params = load_run(path)
     else:
         raise FileNotFoundError(f"model.init_from: {path} is neither a jaxllm run/params directory "
-                                "(config.yaml) nor a Hugging Face directory (config.json)")
+                                "(config.yaml), a Hugging Face directory (config.json) nor a PEFT adapter "
+                                "folder (adapter_config.json)")
     want = jax.tree_util.tree_flatten_with_path(param_shapes(model_cfg), is_leaf=lambda x: isinstance(x, tuple))[0]
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     wrong = [f"{jax.tree_util.keystr(k)}: expected {shape}, found {'missing' if k not in got else tuple(got[k].shape)}"

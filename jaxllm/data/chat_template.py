@@ -18,6 +18,8 @@ from typing import Sequence
 from jinja2 import nodes
 from jinja2.ext import Extension
 
+from jaxllm.errors import UserError
+
 # Hugging Face tokenizer folders: the config (special tokens, older templates) and the template
 # file current transformers saves.
 CONFIG_FILE = "tokenizer_config.json"
@@ -51,7 +53,7 @@ BUILTIN_TEMPLATES = {
 
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """A template that does not compile, or does not render conversation prefixes consistently."""
 
 

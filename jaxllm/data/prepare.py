@@ -306,17 +306,14 @@ def _open_tokenizer(path: str, key: str):
         return load_tokenizer(DataConfig(tokenizer=path), vocab_size=1 << 31)
     except FileNotFoundError:
         raise UserError(f"{key} {path}: no such SentencePiece .model or tokenizer.json (or folder holding one)") from None
-    except RuntimeError as e:  # sentencepiece: not a model proto
-        raise UserError(f"{key} {path}: not a SentencePiece model ({_first_line(e)})") from None
-    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        if type(e) is not Exception:
-            raise
-        raise UserError(f"{key} {path}: not a Hugging Face tokenizer.json ({_first_line(e)})") from None
+    except UserError as e:
+        raise UserError(f"{key} {e}") from None
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

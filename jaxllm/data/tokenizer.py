@@ -25,6 +25,7 @@ import sentencepiece as spm
 
 from jaxllm.data.documents import DocumentSource, open_source
 from jaxllm.data.files import file_lock, resolve_files, stdlib_root
+from jaxllm.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_prefix: str, 
     lines = _training_lines(texts, max_chars)
     first = next(lines, None)
     if first is None:
-        raise ValueError("no text to train a tokenizer on")
+        raise UserError("no text to train a tokenizer on")
     buf = io.BytesIO()
 
     def all_lines():
@@ -220,6 +221,23 @@ def _cache_key(data_cfg, vocab_size: int, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _open(cls, path: str):
+    """The tokenizer file at `path`; a UserError naming it when the library cannot read it."""
+    kind = "a SentencePiece model" if cls is Tokenizer else "a Hugging Face tokenizer.json"
+    try:
+        return cls(path)
+    except RuntimeError as e:  # sentencepiece: not a model proto
+        raise UserError(f"{path}: not {kind} ({_first_line(e)})") from e
+    except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        if type(e) is not Exception:
+            raise
+        raise UserError(f"{path}: not {kind} ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
     """The tokenizer `data_cfg.tokenizer` names (a SentencePiece .model, a Hugging Face
     tokenizer.json or its folder); "auto" trains on `data_cfg.train` once, cached.
@@ -233,9 +251,9 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
         if hf_json.endswith("tokenizer.json") and os.path.isfile(hf_json):
             from jaxllm.data.hf_tokenizer import HFTokenizer  # SmolLM2's, Llama 3's, Qwen2's
 
-            tok = HFTokenizer(hf_json)
+            tok = _open(HFTokenizer, hf_json)
         elif os.path.isfile(path):
-            tok = Tokenizer(path)
+            tok = _open(Tokenizer, path)
         else:
             raise FileNotFoundError(f"data.tokenizer: no SentencePiece .model file or Hugging Face "
                                     f"tokenizer.json (or folder holding one) at {path}")
@@ -254,8 +272,8 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
                                         max_chars=settings["max_chars"])
         tok = Tokenizer(prefix + ".model")
     if tok.vocab_size > vocab_size:
-        raise ValueError(f"tokenizer {getattr(tok, 'path', data_cfg.tokenizer)} has {tok.vocab_size} pieces but model.vocab_size is "
-                         f"{vocab_size}; use a model vocab_size >= {tok.vocab_size}")
+        raise ConfigError(f"data.tokenizer {getattr(tok, 'path', data_cfg.tokenizer)} has {tok.vocab_size} pieces but "
+                          f"model.vocab_size is {vocab_size}; use a model vocab_size >= {tok.vocab_size}")
     return tok
 
 

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from jaxllm.data import chat
+from jaxllm.data.hf_export import stop_tokens
 from jaxllm.models import decode
 from jaxllm.objectives.rl import kl_penalty
 from jaxllm.parallel.mesh import activation_sharding, logical_to_spec
@@ -68,7 +70,9 @@ class RolloutSource:
         self.cfg, self.rl, self.mesh = task.cfg, task.cfg.rl, trainer.mesh
         self.step = 0
         self.key = jax.random.fold_in(jax.random.PRNGKey(task.cfg.trainer.seed), 0x5A3C)  # "rollout"
-        self.stop_ids = (tokenizer.eos_id,) if tokenizer.eos_id >= 0 else ()
+        # EOS, and the template's turn-end marker when it is one token (e.g. <|im_end|>).
+        template = chat.load_template(task.cfg.sft.template, tokenizer)
+        self.stop_ids = tuple(stop_tokens(tokenizer, template)[0])
         self.pad_id = max(tokenizer.pad_id, 0)
         self._stats: dict[int, dict] = {}
         self._score = jax.jit(self._score_fn)
