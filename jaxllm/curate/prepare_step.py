@@ -202,6 +202,7 @@ def main(argv) -> int:
         raise SourceError(f"--shard-tokens must be > 0, got {args.shard_tokens}")
     if os.path.exists(output) and not args.overwrite:
         raise SourceError(f"{output} exists; pass --overwrite to replace it")
+    load_tokenizer(types.SimpleNamespace(tokenizer=args.tokenizer), vocab_size=1 << 31)  # a bad path fails here
     cfg = CurateConfig(input=list(args.input), output=output, **executor_overrides(args))
     work = cfg.work_dir or output + ".work"
     settings = PrepareSettings(ordered_files(args.input, DataConfig().eval_fraction), args.tokenizer,
