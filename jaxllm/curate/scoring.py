@@ -19,9 +19,9 @@ unchanged:
 from __future__ import annotations
 
 import hashlib
-from abc import abstractmethod
 import json
 import math
+from abc import abstractmethod
 
 import numpy as np
 from datatrove.io import get_datafolder
