@@ -144,7 +144,8 @@ class LoggingConfig:
 class SFTConfig:
     """`task: sft`: data.train / data.eval hold conversations (`messages` lists)."""
 
-    # A built-in name (chatml, tulu, llama3), a Jinja2 string, or a tokenizer_config.json path.
+    # A built-in name (chatml, tulu, llama3), a Jinja2 string, a tokenizer_config.json or
+    # chat_template.jinja path, or a tokenizer folder holding one.
     template: str = "chatml"
     messages_field: str = "messages"
     truncation: Literal["truncate_end", "drop"] = "truncate_end"

@@ -25,8 +25,9 @@ output is byte-identical for any worker count, and appears atomically: everythin
 into `DIR.tmp-<pid>` and renamed to DIR at the end (`--overwrite` replaces an existing DIR).
 
 `shards.PreparedSource` reads the folder back, checking its files against the manifest and the
-tokenizer and BOS/EOS settings against the configuration. No module of the jaxllm package
-imports this one: it is the writer and its command line, the top of jaxllm.data.
+tokenizer and BOS/EOS settings against the configuration. No module of jaxllm.data imports this
+one: it is the writer and its command line, the top of jaxllm.data (`jaxllm.curate.prepare_step`
+runs its per-file work as datatrove tasks).
 """
 
 from __future__ import annotations

@@ -57,6 +57,10 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Evaluation on data.eval: greedy (eval_temperature 0), or the mean reward / accuracy of
+    # eval_samples responses per prompt sampled at eval_temperature (pass@1 estimated by sampling).
+    eval_temperature: float = 0.0
+    eval_samples: int = 1
     # Rewards (jaxllm.rl.rewards): reward name -> weight, summed. "verifiable" checks each record's
     # ground truth with the verifier its `dataset` field names (verifiers maps dataset -> verifier).
     rewards: dict[str, float] = dataclasses.field(default_factory=lambda: FrozenDict({"verifiable": 1.0}))
@@ -92,6 +96,8 @@ class RLConfig:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature and top_k must be >= 0 and top_p in (0, 1]")
+        if self.eval_samples < 1 or self.eval_temperature < 0 or (self.eval_samples > 1 and not self.eval_temperature):
+            raise ValueError("eval_samples must be >= 1 and eval_temperature >= 0 (> 0 with several samples)")
         if self.kl_coef < 0 or self.entropy_coef < 0 or self.value_clip < 0 or self.value_lr < 0:
             raise ValueError("kl_coef, entropy_coef, value_clip and value_lr must be >= 0")
 

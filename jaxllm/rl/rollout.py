@@ -115,11 +115,13 @@ class RolloutSource:
 
     # ------------------------------------------------------------------ pieces
 
-    def sample(self, params, local: dict, key, *, greedy: bool) -> decode.Generation:
+    def sample(self, params, local: dict, key, *, greedy: bool, temperature: float | None = None) -> decode.Generation:
+        """Responses to this process's prompt rows (greedy, or at `temperature`, default rl.temperature)."""
         rl = self.rl
         g = self.trainer.to_global({"t": local["prompt_tokens"], "l": local["prompt_length"]})
+        temperature = rl.temperature if temperature is None else temperature
         return decode.generate(self.cfg.model, params, g["t"], g["l"], max_new_tokens=rl.response_len, rng=key,
-                               temperature=0.0 if greedy else rl.temperature, top_k=rl.top_k, top_p=rl.top_p,
+                               temperature=0.0 if greedy else temperature, top_k=rl.top_k, top_p=rl.top_p,
                                stop_ids=self.stop_ids, pad_id=self.pad_id, mesh=self.mesh)
 
     def _rows(self, local, gen):

@@ -95,7 +95,7 @@ class RLTask(Task):
         rl = self.cfg.rl
         return {"rl.prompts_per_step x rl.rollout_n": rl.rows_per_step,
                 "rl.mini_batch_prompts x rl.rollout_n": rl.rows_per_step // rl.mini_batches,
-                "rl.prompts_per_step (eval: one greedy response each)": rl.prompts_per_step}
+                "rl.prompts_per_step x rl.eval_samples": rl.prompts_per_step * rl.eval_samples}
 
     def make_optimizer(self, schedule, total_updates: int):
         """AdamW for the policy; with a critic, a separate AdamW (lr rl.value_lr) for its tree."""
@@ -160,12 +160,16 @@ class RLTask(Task):
         return {"": eval_prompts(self.cfg, ctx.tokenizer, self.rewards.verifier_for, n)}
 
     def evaluate(self, trainer, state, batches) -> dict[str, float]:
-        """Greedy responses to the held-out prompts, scored like training; means over all
-        processes' prompts (padding prompts, index -1, left out)."""
-        rollouts, sums = self.rollouts, {}
+        """Responses to the held-out prompts (greedy, or rl.eval_samples each at
+        rl.eval_temperature), scored like training; means over all processes' responses (padding
+        prompts, index -1, left out)."""
+        rollouts, sums, rl = self.rollouts, {}, self.cfg.rl
         params = trainer.effective(state.params, state.frozen)
-        for batch in batches:
-            gen = rollouts.sample(params, batch, jax.random.PRNGKey(0), greedy=True)
+        key = jax.random.PRNGKey(self.cfg.trainer.seed)
+        for i, prompts in enumerate(batches):
+            batch = {k: np.repeat(v, rl.eval_samples, axis=0) for k, v in prompts.items()}
+            gen = rollouts.sample(params, batch, jax.random.fold_in(key, i), greedy=not rl.eval_temperature,
+                                  temperature=rl.eval_temperature)
             scores, parts, responses = rollouts.score_responses(batch, gen)
             real = (batch["index"] >= 0).astype(np.float32)
             local = {"n": real, "reward": scores * real, "response_length": real * np.array(
