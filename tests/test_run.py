@@ -1,62 +1,16 @@
 """Run directories (`jaxllm.run`): trainer.epochs is counted once per data setting and kept in
 RUN_DIR/epoch_size.json."""
 
-import json
-
 import pytest
 
-from jaxllm.config import Config, build
 from jaxllm import run as run_lib
 from jaxllm.data import posttrain
-from jaxllm.data.tokenizer import Tokenizer, train_sentencepiece
-
-WORDS = ["apple", "river", "stone", "cloud", "seven", "green", "tiger", "piano", "eleven", "house", "lemon", "quiet"]
-SENTENCES = (["<|im_start|>system\nBe brief.<|im_end|>", "<|im_start|>user\nWhat is 12 + 30?<|im_end|>",
-              "<|im_start|>assistant\nThe answer is 42.<|im_end|>", "Reverse the word apple.",
-              "Tell me about the river and the stone.", "The sky is blue and the grass is green."]
-             + [" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))]) * 4
+from tests.test_posttrain_data import _cfg as _data_cfg
+from tests.test_posttrain_data import _pair_records, _write, sp  # noqa: F401 (sp: the fixture)
 
 
-@pytest.fixture(scope="module")
-def sp(tmp_path_factory):
-    return Tokenizer(train_sentencepiece(SENTENCES, 512, str(tmp_path_factory.mktemp("sp") / "tiny")))
-
-
-def _write(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
-    return str(path)
-
-
-def _cfg(task, train, eval_=None, *, seq_len=48, batch=2, **sections):
-    raw = {"task": task, "data": {"train": [train], "eval": [eval_ or train], "seq_len": seq_len,
-                                  **sections.pop("data", {})},
-           "trainer": {"batch_size": batch}, **sections}
-    return build(Config, raw)
-
-
-def _user(t):
-    return {"role": "user", "content": t}
-
-
-def _asst(t):
-    return {"role": "assistant", "content": t}
-
-
-def _pair_records(n=12):
-    recs = []
-    for i in range(n):
-        w = WORDS[i % len(WORDS)]
-        q = f"Reverse the word {w} ({i})."
-        kind = i % 3
-        if kind == 0:  # UltraFeedback: prompt string, chosen / rejected lists
-            recs.append({"prompt": q, "chosen": [_user(q), _asst(w[::-1])], "rejected": [_user(q), _asst(w)],
-                         "score": float(i)})
-        elif kind == 1:  # prompt taken from the chosen list (multi-turn, with a system turn)
-            ctx = [{"role": "system", "content": "Be brief."}, _user("What is 12 + 30?"), _asst("42"), _user(q)]
-            recs.append({"chosen": ctx + [_asst(w[::-1])], "rejected": ctx + [_asst(w + "s")], "score": i})
-        else:  # plain reply strings
-            recs.append({"prompt": q, "chosen": w[::-1], "rejected": "no", "score": -i})
-    return recs
+def _cfg(task, train, **kw):
+    return _data_cfg(train, task=task, **kw)
 
 
 def test_resolve_epochs_counts_once_per_data_setting(tmp_path, sp, monkeypatch):

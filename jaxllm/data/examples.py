@@ -79,6 +79,18 @@ class Skipped:
         self.reason = reason
 
 
+def build_or_skip(build, item: tuple[int, dict], source: RecordSource, strict: bool):
+    """`build(index, record)`, or Skipped(reason) for a record it refuses (a ConversationError);
+    with data.strict a SourceError naming the record's file and line instead."""
+    index, record = item
+    try:
+        return build(index, record)
+    except chat.ConversationError as e:
+        if strict:
+            raise SourceError(f"{source.where(index)}: {e} (data.strict is true)") from e
+        return Skipped(e.reason)
+
+
 class IndexedSource:
     """A source whose items are (index, record): the index travels through shuffling."""
 
@@ -125,13 +137,7 @@ class Examples:
         return row
 
     def __call__(self, item: tuple[int, dict]):
-        index, record = item
-        try:
-            return self.build(index, record)
-        except chat.ConversationError as e:
-            if self.strict:
-                raise SourceError(f"{self.source.where(index)}: {e} (data.strict is true)") from e
-            return Skipped(e.reason)
+        return build_or_skip(self.build, item, self.source, self.strict)
 
     def padding(self) -> dict[str, np.ndarray]:
         """A padding row of the format: masks 0 (pairs / kto: also index -1, pair_mask 0)."""

@@ -251,6 +251,14 @@ def answer_accuracy(generate_fn: Callable[[list[list[dict]]], Sequence[str]], ev
     return right / len(eval_records)
 
 
+def filter_tasks(src: str, dst: str, tasks: Sequence[str]) -> int:
+    """Writes the records of `src` whose `task` is one of `tasks` to `dst`; returns their number."""
+    records = [r for r in read_jsonl(src) if r.get("task") in set(tasks)]
+    with open(dst, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return len(records)
+
+
 def read_jsonl(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

@@ -26,7 +26,7 @@ import numpy as np
 
 from jaxllm.data import chat
 from jaxllm.data.batching import DataIterator, per_process_batch, process_layout, read_options
-from jaxllm.data.examples import CountSkips, IndexedSource, Skipped
+from jaxllm.data.examples import CountSkips, IndexedSource, Skipped, build_or_skip
 from jaxllm.data.files import SourceError
 from jaxllm.data.preference_data import PromptCompletionEncoder
 from jaxllm.data.records import RecordSource
@@ -93,13 +93,7 @@ class PromptExamples:
                 "ground_truth": np.asarray(json.dumps(truth)), "verifier": np.asarray(verifier)}
 
     def __call__(self, item):
-        index, record = item
-        try:
-            return self.build(index, record)
-        except chat.ConversationError as e:
-            if self.strict:
-                raise SourceError(f"{self.source.where(index)}: {e} (data.strict is true)") from e
-            return Skipped(e.reason)
+        return build_or_skip(self.build, item, self.source, self.strict)
 
 
 def train_prompts(cfg, tokenizer, verifier_for, *, process_index=None, process_count=None) -> DataIterator:
