@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxllm.data import curriculum
-from jaxllm.data.curriculum import SourceConfig, StageConfig
+from jaxllm.data.curriculum import DynamicWeightsConfig, SourceConfig, StageConfig
 from jaxllm.errors import ConfigError
 from jaxllm.frozendict import FrozenDict
 from jaxllm.models.llama import ModelConfig, RopeScaling
@@ -69,6 +69,9 @@ class DataConfig:
     # `auto` tokenizer); without stages, one stage covers the run.
     sources: tuple[SourceConfig, ...] = ()
     stages: tuple[StageConfig, ...] = ()
+    # Dynamic batch loading: the stage weights move every dynamic_weights.every_steps steps by
+    # the sources' held-out losses against reference losses (jaxllm.data.curriculum).
+    dynamic_weights: DynamicWeightsConfig = DynamicWeightsConfig()
 
 
 @dataclasses.dataclass(frozen=True)

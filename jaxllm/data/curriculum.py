@@ -4,6 +4,11 @@ A stage sets the mixture weights of the named sources (`data.sources`; without t
 is the one source "train") and optionally seq_len, batch_size and rope_theta from its start on.
 Stages start at a step or at a number of training tokens (each step is its stage's
 batch_size * seq_len tokens). Every inconsistency is a `ConfigError` naming the key.
+
+`data.dynamic_weights` (dynamic batch loading, Xia et al. 2024, Sheared-LLaMA) lets the weights
+move during a stage: every `every_steps` steps the pretraining task measures each source's
+held-out loss with the current params and sets `w = softmax(log w_prev + max(loss - ref, 0))`
+(`dynamic_weights_update`); a stage's start resets the weights to that stage's own.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import dataclasses
 import math
 import re
 from typing import Any, Literal
+
+import numpy as np
 
 from jaxllm.errors import ConfigError
 from jaxllm.frozendict import FrozenDict
@@ -72,6 +79,44 @@ class StageConfig:
         for key in ("seq_len", "batch_size", "rope_theta"):
             if getattr(self, key) is not None and not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicWeightsConfig:
+    """Dynamic batch loading (`data.dynamic_weights`): source weights updated during the run
+    from per-source held-out losses against reference losses (jaxllm.tasks.pretrain)."""
+
+    every_steps: int = 0  # m: update the weights when m, 2m, ... steps are done; 0: off
+    # Source name -> the loss the run should reach on that source's eval files (Sheared-LLaMA:
+    # the source model's loss, or a scaling-law prediction for the target size).
+    reference_losses: dict[str, float] = dataclasses.field(default_factory=FrozenDict)
+    eval_batches: int = 1  # fixed held-out batches (trainer.batch_size rows) per source per update
+
+    def __post_init__(self):
+        if self.every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0 (0: off), got {self.every_steps}")
+        if self.eval_batches < 1:
+            raise ValueError(f"eval_batches must be >= 1, got {self.eval_batches}")
+        for k, v in self.reference_losses.items():
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"reference_losses.{k} must be a finite number >= 0, got {v}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.every_steps > 0
+
+
+def dynamic_weights_update(weights, losses, reference_losses) -> np.ndarray:
+    """Sheared-LLaMA's update: Delta = max(loss - ref, 0), w = softmax(log w_prev + Delta).
+
+    float64 throughout; a source at weight 0 stays at 0 (log 0 = -inf)."""
+    w = np.asarray(weights, np.float64)
+    delta = np.maximum(np.asarray(losses, np.float64) - np.asarray(reference_losses, np.float64), 0.0)
+    with np.errstate(divide="ignore"):
+        alpha = np.log(w / w.sum()) + delta
+    alpha -= alpha.max()
+    out = np.exp(alpha)
+    return out / out.sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +185,31 @@ def stage_plan(cfg) -> tuple[Stage, ...]:
     return tuple(out)
 
 
+def validate_dynamic_weights(cfg) -> None:
+    """data.dynamic_weights: several named sources, each with eval files and a reference loss."""
+    d, dw = cfg.data, cfg.data.dynamic_weights
+    key = "data.dynamic_weights"
+    if not dw.enabled:
+        if dw.reference_losses:
+            raise ConfigError(f"{key}.reference_losses is set but {key}.every_steps is 0 (off)")
+        return
+    names = [s.name for s in d.sources]
+    if len(names) < 2:
+        raise ConfigError(f"{key}: reweighting needs at least two sources in data.sources (has {len(names)})")
+    for k in dw.reference_losses:
+        if k not in names:
+            raise ConfigError(f"{key}.reference_losses.{k}: no such source; data.sources names: {', '.join(names)}")
+    for i, s in enumerate(d.sources):
+        if s.name not in dw.reference_losses:
+            raise ConfigError(f"{key}.reference_losses: no reference loss for source {s.name!r}")
+        if not s.eval:
+            raise ConfigError(f"data.sources[{i}].eval: {key} measures every source's held-out loss; "
+                              f"source {s.name!r} lists no eval files")
+
+
 def validate_mixture(cfg) -> None:
     d = cfg.data
+    validate_dynamic_weights(cfg)
     if not (d.sources or d.stages):
         return
     seen = set()

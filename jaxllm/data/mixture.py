@@ -18,6 +18,13 @@ them, one stage covers the run). Per process:
            spread over many batches), but a window never crosses a stage's end; then batched
            by the stage's batch size.
 
+Dynamic weights (`data.dynamic_weights.every_steps` m > 0): a stage's rows are cut into segments
+that end at the multiples of m as well as at the stage's end, and each segment draws by its own
+weights: `set_weights(w)`, called when m, 2m, ... batches are done and before the next one, sets
+the weights of the segment that starts there (otherwise the segment keeps the previous weights;
+a stage's start resets them to the stage's). Segments are cut like stages (no shuffle window
+crosses one), so the state stays small: it adds the segment's start and weights.
+
 The iterator counts the batches it has produced (= steps done). When that count reaches a
 stage's start_step the stage's weights, seq_len and batch size take over; a new seq_len makes
 every source's packer continue the document it was splitting at the new row length. A source
@@ -53,6 +60,7 @@ ROW_SHUFFLE_TOKENS = 1 << 19
 _DRAW_BLOCK = 1024  # uniforms made per Philox call
 _DRAW_DOMAIN = 0x6D6978  # "mix": keeps the draw stream apart from other users of data.seed
 _STAGE_SEED_STRIDE = 1_000_003  # window-shuffle seed of stage k: data.seed + k * stride
+_SEGMENT_SEED_STRIDE = 7_919  # ... plus segment start * stride for a dynamic-weights segment inside it
 
 
 def _cdf(weights: tuple[float, ...]) -> np.ndarray:
@@ -206,12 +214,14 @@ class MixtureIterator:
     """Per-process training batches of a mixture through its stages (see the module doc).
 
     `stage`: the Stage of the next batch (its seq_len, batch_size, rope_theta); `step`: batches
-    produced; `stats()`: realised tokens, shares and epochs per source. `get_state()` is
-    JSON-able; `set_state()` refuses a state saved with other settings (sources, seed, process
-    layout, or the stages up to the saved one and where it ends; later stages may change).
+    produced; `weights`: those the last batch was drawn by; `stats()`: realised tokens, shares
+    and epochs per source. `get_state()` is JSON-able; `set_state()` refuses a state saved with
+    other settings (sources, seed, process layout, or the stages up to the saved one and where it
+    ends; later stages may change). `keep_source`: batches keep `source` (int32 [b], the index
+    in `names` of each row's source), as DoReMi's per-domain losses need.
     """
 
-    def __init__(self, cfg, tokenizer, *, process_index: int, process_count: int):
+    def __init__(self, cfg, tokenizer, *, process_index: int, process_count: int, keep_source: bool = False):
         d = cfg.data
         self.plan = stage_plan(cfg)
         self._batches = []
@@ -227,7 +237,8 @@ class MixtureIterator:
         streams = [self._stream(cfg, tokenizer, s, process_index, process_count) for s in specs]
         self._streams = streams
         self._mixer = _Mixer(streams, d.seed)
-        self._seed = d.seed
+        self._seed, self._keep_source = d.seed, keep_source
+        self._every = d.dynamic_weights.every_steps
         self.step = 0
         self._tokens = np.zeros(len(specs), np.int64)
         self._exhausted = False
@@ -240,9 +251,12 @@ class MixtureIterator:
             "packing": d.packing, "split_policy": d.split_policy, "pack_buffer": d.pack_buffer,
             "vocab_size": tokenizer.vocab_size, "process_index": process_index, "process_count": process_count,
         }
+        if self._every:
+            self.settings["reweight_every"] = self._every
         self._stage_index = -1
         self._segment: grain.DatasetIterator | None = None
-        self._enter(0)
+        self._pending: tuple[float, ...] | None = None  # set_weights' weights, for the next segment
+        self._enter(0, 0, self.plan[0].weights)
 
     def _stream(self, cfg, tokenizer, spec, process_index: int, process_count: int) -> _SourceStream:
         d = cfg.data
@@ -266,20 +280,53 @@ class MixtureIterator:
 
     # ------------------------------------------------------------------------- stages
 
-    def _enter(self, k: int) -> None:
-        """Starts stage k at the sources' current positions."""
+    def _enter(self, k: int, start: int, weights: tuple[float, ...]) -> None:
+        """Starts the rows of stage k from step `start` (the stage's start, or with dynamic
+        weights a multiple of every_steps inside it), drawn by `weights`, at the sources'
+        current positions."""
         st, batch = self.plan[k], self._batches[k]
         for s in self._streams:
             s.set_seq_len(st.seq_len)
-        # The stage's rows end exactly where its batches end, so no window holds rows of two
-        # stages and nothing drawn is left over at a switch.
-        limit = (self.plan[k + 1].start_step - st.start_step) * batch if k + 1 < len(self.plan) else None
-        rows = _StageRows(self._mixer, _cdf(st.weights), limit)
+        # The segment's rows end exactly where its batches end (the stage's end or the next
+        # weight update), so no window holds rows of two segments and nothing drawn is left over.
+        end = self.plan[k + 1].start_step if k + 1 < len(self.plan) else None
+        if self._every:
+            update = (start // self._every + 1) * self._every
+            end = update if end is None else min(end, update)
+        rows = _StageRows(self._mixer, _cdf(weights), None if end is None else (end - start) * batch)
         window = max(batch, ROW_SHUFFLE_TOKENS // st.seq_len)
         seed = (self._seed + k * _STAGE_SEED_STRIDE) % 2**31 if k else self._seed
+        if start != st.start_step:
+            seed = (seed + start * _SEGMENT_SEED_STRIDE) % 2**31
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=window, seed=seed)
         self._segment = rows.batch(batch, drop_remainder=True).__iter__()
-        self._stage_index = k
+        self._stage_index, self._segment_start = k, start
+        self.weights = tuple(float(w) for w in weights)
+
+    # ------------------------------------------------------------------------- dynamic weights
+
+    @property
+    def weight_update_due(self) -> bool:
+        """Whether the next batch starts a dynamic-weights segment (`set_weights` may be called)."""
+        return bool(self._every) and self.step % self._every == 0 and self.step != self._segment_start
+
+    def next_weights(self) -> tuple[float, ...]:
+        """The weights the next batch is drawn by unless `set_weights` changes them."""
+        if self._pending is not None:
+            return self._pending
+        k = stage_index(self.plan, self.step)
+        return self.plan[k].weights if k != self._stage_index else self.weights
+
+    def set_weights(self, weights) -> None:
+        """The weights (per source of `names`, normalised) of the rows from the next batch on,
+        until the next update or stage; only when `weight_update_due`."""
+        if not self.weight_update_due:
+            raise ValueError(f"set_weights: the next batch ({self.step + 1}) does not start a dynamic-weights "
+                             f"segment (data.dynamic_weights.every_steps {self._every})")
+        w = np.asarray(weights, np.float64)
+        if w.shape != (len(self.names),) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+            raise ValueError(f"set_weights: need {len(self.names)} finite weights >= 0, not all 0; got {weights!r}")
+        self._pending = tuple(float(x) for x in w / w.sum())
 
     @property
     def _parents(self) -> tuple[grain.DatasetIterator, ...]:
@@ -300,14 +347,15 @@ class MixtureIterator:
         if self._exhausted:
             raise StopIteration
         k = stage_index(self.plan, self.step)
-        if k != self._stage_index:
-            self._enter(k)
+        if k != self._stage_index or self.weight_update_due:
+            self._enter(k, self.step, self.next_weights())
+            self._pending = None
         try:
             batch = next(self._segment)
         except StopIteration:
             self._exhausted = True
             raise
-        source = batch.pop("source")
+        source = batch["source"] if self._keep_source else batch.pop("source")
         per_row = batch["loss_mask"].sum(axis=1)
         self._tokens += np.bincount(source, weights=per_row, minlength=len(self.names)).astype(np.int64)
         self.step += 1
@@ -324,14 +372,20 @@ class MixtureIterator:
             out[f"tokens/{name}"] = int(tokens)
             out[f"frac/{name}"] = float(tokens) / total if total else 0.0
             out[f"epoch/{name}"] = stream.epochs
+            if self._every:
+                out[f"weight/{name}"] = self.weights[self.names.index(name)]
         return out
 
     # ------------------------------------------------------------------------- checkpointing
 
     def get_state(self) -> dict[str, Any]:
-        return {"settings": self.settings, "step": self.step, "stage": self._stage_index,
-                "segment": self._segment.get_state(), "exhausted": self._exhausted,
-                "tokens": {n: int(t) for n, t in zip(self.names, self._tokens)}}
+        state = {"settings": self.settings, "step": self.step, "stage": self._stage_index,
+                 "segment": self._segment.get_state(), "exhausted": self._exhausted,
+                 "tokens": {n: int(t) for n, t in zip(self.names, self._tokens)}}
+        if self._every:
+            state |= {"segment_start": self._segment_start, "weights": list(self.weights),
+                      "pending": None if self._pending is None else list(self._pending)}
+        return state
 
     def set_state(self, state: dict[str, Any]) -> None:
         if "segment" not in state:
@@ -339,7 +393,9 @@ class MixtureIterator:
                              "state); it cannot be resumed by this version")
         k = int(state["stage"])
         self._check_settings(state.get("settings", {}), k)
-        self._enter(k)
+        self._enter(k, int(state.get("segment_start", self.plan[k].start_step)),
+                    tuple(state.get("weights") or self.plan[k].weights))
+        self._pending = tuple(state["pending"]) if state.get("pending") else None
         self._segment.set_state(state["segment"])
         self.step = int(state["step"])
         self._exhausted = bool(state["exhausted"])
