@@ -11,6 +11,12 @@ adapters folded into the base and a curriculum's model at that step; `save_param
 params-only directory that `load_run` and `model.init_from` read (PMA merges, conversions);
 `load_init_params` reads `model.init_from` (a jaxllm run or params directory, or a Hugging Face
 folder) checked against the model's shapes.
+
+A run directory may be a URL (`gs://bucket/run`): files go through `jaxllm.paths`, checkpoints
+through orbax directly. config.yaml is written once the run's state exists (`write_config`,
+called by the train loop after a fresh start or a successful restore), so a rerun with a config
+that does not fit the checkpoints leaves the saved one in place, and `config_changes` can name
+the keys that differ from it.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import numpy as np
+import yaml
 
 from jaxllm import config as config_lib
+from jaxllm import paths
 from jaxllm.checkpoint import Checkpointer, save_params_only
 from jaxllm.errors import ConfigError
 from jaxllm.models import init_params, param_shapes
@@ -43,10 +50,40 @@ def abstract_params(model_cfg, sharding=None):
 
 
 def read_config(run_dir: str) -> config_lib.Config:
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    path = paths.join(paths.expand(run_dir), "config.yaml")
+    if not paths.exists(path):
         raise FileNotFoundError(f"{run_dir} has no config.yaml: not a jaxllm run directory")
-    return config_lib.load_config(path)
+    if not paths.is_url(path):
+        return config_lib.load_config(path)
+    # A saved config is resolved and has no base: building it is what load_config does.
+    cfg = config_lib.build(config_lib.Config, yaml.safe_load(paths.read_text(path)) or {})
+    config_lib.validate(cfg)
+    return cfg
+
+
+def write_config(cfg, run_dir: str | None = None) -> None:
+    """Process 0 writes the resolved config to RUN_DIR/config.yaml."""
+    if jax.process_index() == 0:
+        paths.write_text(paths.join(paths.expand(run_dir or cfg.trainer.run_dir), "config.yaml"),
+                         yaml.safe_dump(config_lib.to_dict(cfg), sort_keys=False))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(run_dir: str, cfg) -> list[str]:
+    """`key: saved -> now` for each config key whose value differs from RUN_DIR/config.yaml
+    (empty when the run has none); trainer.run_dir is left out (a run directory may move)."""
+    try:
+        saved = _flat(config_lib.to_dict(read_config(run_dir)))
+    except FileNotFoundError:
+        return []
+    now = _flat(config_lib.to_dict(cfg))
+    return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k) and k != "trainer.run_dir"]
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -111,29 +148,29 @@ def load_params(run_dir: str, step: int | None = None):
 
 def save_params(model_cfg, params, out_dir: str, cfg=None) -> None:
     """Writes a params-only checkpoint (step 0) plus config.yaml, loadable by `load_run`."""
-    os.makedirs(out_dir, exist_ok=True)
+    paths.makedirs(out_dir)
     cfg = cfg or config_lib.Config()
     # A params directory holds whole params (adapters folded in) and has no curriculum: its
     # model is `model_cfg` at every step.
     cfg = dataclasses.replace(cfg, model=model_cfg, lora=type(cfg.lora)(),
                               data=dataclasses.replace(cfg.data, sources=(), stages=()))
-    config_lib.dump_yaml(cfg, os.path.join(out_dir, "config.yaml"))
-    save_params_only(params, os.path.join(out_dir, "checkpoints"))
+    write_config(cfg, out_dir)
+    save_params_only(params, paths.join(out_dir, "checkpoints"))
 
 
 def load_init_params(model_cfg, path: str, extra_keys: tuple[str, ...] = ()):
     """Host params for `model.init_from`, checked against `model_cfg`'s shapes. Top-level
     `extra_keys` (an objective's own params, e.g. a reward head) may be present or not."""
-    path = os.path.expanduser(path)
-    if os.path.exists(os.path.join(path, "adapter_config.json")):  # a PEFT adapter over its base
+    path = paths.expand(path)
+    if paths.exists(paths.join(path, "adapter_config.json")):  # a PEFT adapter over its base
         from jaxllm.models.peft import load_peft_model
 
-        _, params = load_peft_model(path)
-    elif os.path.exists(os.path.join(path, "config.json")):
+        _, params = load_peft_model(paths.local_folder(path))
+    elif paths.exists(paths.join(path, "config.json")):
         from jaxllm.models.hf import load_hf_checkpoint
 
-        _, params = load_hf_checkpoint(path)
-    elif os.path.exists(os.path.join(path, "config.yaml")):
+        _, params = load_hf_checkpoint(paths.local_folder(path))
+    elif paths.exists(paths.join(path, "config.yaml")):
         _, params = load_run(path)
     else:
         raise FileNotFoundError(f"model.init_from: {path} is neither a jaxllm run/params directory "
@@ -156,13 +193,12 @@ def load_init_params(model_cfg, path: str, extra_keys: tuple[str, ...] = ()):
 
 def trim_metrics(run_dir: str, last_step: int) -> None:
     """After a resume, drop logged steps beyond the checkpoint: they are about to be redone."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
+    path = paths.join(paths.expand(run_dir), "metrics.jsonl")
+    if jax.process_index() != 0 or not paths.exists(path):
         return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= last_step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+    lines = paths.read_text(path).splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    paths.write_text(path, "".join(kept))
 
 
 def _epoch_fingerprint(cfg, tokenizer) -> dict:
@@ -171,7 +207,7 @@ def _epoch_fingerprint(cfg, tokenizer) -> dict:
     from jaxllm.data.files import resolve_files
 
     d = cfg.data
-    files = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for spec in d.train for f in resolve_files(spec)]
+    files = [[f, *paths.size_and_mtime(f)] for spec in d.train for f in resolve_files(spec)]
     return {"task": cfg.task, "train": list(d.train), "files": files,
             "seq_len": d.seq_len, "batch_size": cfg.trainer.batch_size, "processes": jax.process_count(),
             "seed": d.seed, "add_bos": d.add_bos, "vocab_size": tokenizer.vocab_size,
@@ -185,21 +221,17 @@ def resolve_epochs(cfg, tokenizer, run_dir: str, log=print):
     t = cfg.trainer
     if t.epochs <= 0:
         return cfg
-    path = os.path.join(run_dir, "epoch_size.json")
+    path = paths.join(paths.expand(run_dir), "epoch_size.json")
     want = _epoch_fingerprint(cfg, tokenizer)
     size = None
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+    if paths.exists(path):
+        saved = json.loads(paths.read_text(path))
         size = saved["size"] if saved.get("fingerprint") == want else None
     if size is None:
         log(f"trainer.epochs {t.epochs:g}: counting the batches in one pass over data.train")
         size = make_task(cfg).batches_per_epoch(tokenizer)
         if jax.process_index() == 0:
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"fingerprint": want, "size": size}, f)
-            os.replace(tmp, path)
+            paths.write_text(path, json.dumps({"fingerprint": want, "size": size}))
     if size["batches"] < 1:
         raise ConfigError(
             f"trainer.epochs: one pass over data.train gives {size['rows']} rows, not one full batch of "
@@ -215,16 +247,16 @@ def resolve_epochs(cfg, tokenizer, run_dir: str, log=print):
 def open_run(cfg):
     """Creates the run directory and returns (cfg with its run length resolved, tokenizer): the
     tokenizer is the run's own copy, else `model.init_from`'s, else `data.tokenizer`; process 0
-    writes config.yaml and keeps a copy of the tokenizer."""
+    keeps a copy of the tokenizer. config.yaml is written by `write_config` once the run's state
+    is known to fit it (see the module docstring)."""
     from jaxllm.data.tokenizer import keep_tokenizer, run_tokenizer
 
-    run_dir = cfg.trainer.run_dir
+    run_dir = paths.expand(cfg.trainer.run_dir)
     if jax.process_index() == 0:
-        os.makedirs(run_dir, exist_ok=True)
+        paths.makedirs(run_dir)
     tokenizer = run_tokenizer(cfg, run_dir)
     cfg = config_lib.resolve_total_tokens(cfg)
     cfg = resolve_epochs(cfg, tokenizer, run_dir, log=print if jax.process_index() == 0 else lambda _: None)
     if jax.process_index() == 0:
-        config_lib.dump_yaml(cfg, os.path.join(run_dir, "config.yaml"))
         keep_tokenizer(tokenizer, run_dir)
     return cfg, tokenizer

@@ -14,7 +14,8 @@ import time
 import jax
 
 from jaxllm import run as run_lib
-from jaxllm.checkpoint import Checkpointer
+from jaxllm.checkpoint import Checkpointer, CheckpointMismatch, CheckpointUnreadable
+from jaxllm.errors import ConfigError, UserError
 from jaxllm.metrics import MetricsLogger, peak_tflops_per_device
 from jaxllm.parallel.mesh import mesh_from_config
 from jaxllm.tasks import RunContext
@@ -49,16 +50,47 @@ def _initial_params_once(trainer: Trainer):
 
 
 def _restore_or_init(trainer: Trainer, ckpt, source, initial_params):
-    """(state, start step): the newest complete checkpoint's state and data position, or step 0."""
-    step = ckpt.latest_step() if ckpt else None
-    if step is None:
-        return trainer.fresh_state(initial_params()), 0
-    state, data_state = ckpt.restore(step, trainer.abstract_state)
-    if trainer.abstract_state.frozen:
-        state = state.replace(frozen=trainer.make_frozen(initial_params()))
-    source.set_state(data_state)
-    run_lib.trim_metrics(trainer.cfg.trainer.run_dir, step)
+    """(state, start step): the newest readable checkpoint's state and data position, or step 0.
+
+    A checkpoint with a damaged file is reported (step and file), set aside and the previous one
+    tried; one that does not fit the run's state stops the run with the config keys that differ
+    from the run's saved config.yaml. config.yaml is written once the state is known."""
+    cfg = trainer.cfg
+    set_aside = []
+    while True:
+        step = ckpt.latest_step() if ckpt else None
+        if step is None:
+            if set_aside:
+                _stop(ckpt, UserError(f"no readable checkpoint left in {ckpt.directory} (set aside: "
+                                      f"{', '.join(set_aside)}); move one back, or remove them to start over"))
+            state = trainer.fresh_state(initial_params())
+            break
+        try:
+            state, data_state = ckpt.restore(step, trainer.abstract_state)
+        except CheckpointUnreadable as e:
+            set_aside.append(ckpt.set_aside(step))
+            _log_on_process_0(f"checkpoint: {e}; set aside as {set_aside[-1]}, trying the previous one")
+            continue
+        except CheckpointMismatch as e:
+            changed = run_lib.config_changes(cfg.trainer.run_dir, cfg)
+            keys = (f"config keys that differ from the run's config.yaml: {'; '.join(changed)}" if changed else
+                    "no config key differs from the run's config.yaml")
+            _stop(ckpt, ConfigError(f"checkpoint step {step} does not fit this run ({keys}): "
+                                    f"{str(e).split(': ', 1)[-1]}"))
+        if trainer.abstract_state.frozen:
+            state = state.replace(frozen=trainer.make_frozen(initial_params()))
+        source.set_state(data_state)
+        run_lib.trim_metrics(cfg.trainer.run_dir, step)
+        break
+    run_lib.write_config(cfg)
     return state, int(state.step)
+
+
+def _stop(ckpt, error: Exception):
+    """Raises `error` after closing the checkpoint manager, so no save thread outlives it."""
+    if ckpt:
+        ckpt.close()
+    raise error
 
 
 def _announce(logger, trainer: Trainer, start: int) -> None:
