@@ -11,11 +11,13 @@ from jaxllm.errors import ConfigError
 from jaxllm.tasks.base import BatchSource, IteratorSource, RunContext, Task
 from jaxllm.tasks.dpo import DPOTask
 from jaxllm.tasks.pretrain import PretrainTask
+from jaxllm.tasks.rating import EduTask, RaterTask
 from jaxllm.tasks.reward import RewardTask
 from jaxllm.tasks.rl import RLTask
 from jaxllm.tasks.sft import SFTTask
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (PretrainTask, SFTTask, DPOTask, RewardTask, RLTask)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (PretrainTask, SFTTask, DPOTask, RewardTask, RLTask, RaterTask,
+                                                    EduTask)}
 
 
 def task_class(name: str) -> type[Task]:

@@ -1,0 +1,5 @@
+import sys
+
+from jaxllm.select.cli import main
+
+sys.exit(main())
