@@ -2,7 +2,7 @@
 time for a TPU slice on a CPU machine, and say whether it fits.
 
 The programs are the run's own: `train.step.Trainer`'s train step and eval step (for RL, the
-rollout's `models.decode.generate` on the task's prompt and response shapes instead of the eval
+rollout's prefill and decode loop on the task's prompt and response shapes instead of the eval
 step), traced against abstract state and batches placed with the config's mesh on the slice's
 compile-only devices (`parallel.topology`, from libtpu). The attention kernel is the one the
 target devices take (`kernels.attention.target_platform` reads the mesh): `pallas` compiles
@@ -26,6 +26,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxllm import config as config_lib
@@ -128,21 +129,30 @@ def _stats(lowered, hbm_bytes: int) -> dict:
 
 
 def _rollout_lowered(trainer, mesh):
-    """`decode.generate` of one RL step's rollout (rows_per_step prompts of the task's width),
-    lowered with the train state's shardings; inside `activation_sharding` so the model picks
-    the target's kernel and constraints as the live rollout does."""
+    """One RL step's rollout program (rl.rows_per_step prompts of the task's width, response_len
+    new tokens): `decode.prefill` into the KV cache, then a loop of `decode.decode_step`, the
+    pieces and carried state of `decode.generate` (which prepares host values outside its jit,
+    so it cannot be traced against abstract inputs). Lowered with the train state's shardings,
+    inside `activation_sharding` so the model takes the target's kernel as the live rollout."""
     from jaxllm.models import decode
     from jaxllm.rl.prompts import prompt_width
 
     cfg, rl = trainer.cfg, trainer.cfg.rl
-    shard = lambda ndim: batch_sharding(mesh, ndim)
-    prompts = jax.ShapeDtypeStruct((rl.rows_per_step, prompt_width(rl)), np.int32, sharding=shard(2))
-    lengths = jax.ShapeDtypeStruct((rl.rows_per_step,), np.int32, sharding=shard(1))
+    rows, width, new = rl.rows_per_step, prompt_width(rl), rl.response_len
+    prompts = jax.ShapeDtypeStruct((rows, width), np.int32, sharding=batch_sharding(mesh, 2))
+    lengths = jax.ShapeDtypeStruct((rows,), np.int32, sharding=batch_sharding(mesh, 1))
 
-    def rollout(params, frozen, tokens, lengths):
+    def rollout(params, frozen, tokens_BP, lengths_B):
         policy = trainer.task.effective_params(params, frozen)
-        return decode.generate(cfg.model, policy, tokens, lengths, max_new_tokens=rl.response_len, rng=0,
-                               temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p, stop_ids=(2,))
+        logits, cache = decode.prefill(cfg.model, policy, tokens_BP, lengths_B, width + new)
+
+        def step(i, carry):
+            logits, cache, out_BN = carry
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            logits, cache = decode.decode_step(cfg.model, policy, tok, cache)
+            return logits, cache, jax.lax.dynamic_update_slice_in_dim(out_BN, tok[:, None], i, axis=1)
+
+        return jax.lax.fori_loop(0, new, step, (logits, cache, jnp.zeros((rows, new), jnp.int32)))[2]
 
     s = trainer.abstract_state
     with activation_sharding(mesh):
