@@ -103,3 +103,62 @@ def test_preempted_then_killed_two_process_run_ends_like_an_uninterrupted_one(tw
     got = losses(run_dir)
     for step in range(saved + 1, TOTAL + 1):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), step
+
+
+def _slurm_port() -> int:
+    """A free port where JAX's SLURM detection puts the coordinator (job id % 4096 + 61440)."""
+    for port in range(61440 + os.getpid() % 2000, 65536):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in SLURM's coordinator range")
+
+
+def _probe(run_dir, step, out, mesh, env):
+    return [sys.executable, os.path.join(ROOT, "tests", "multihost_probe.py"), str(run_dir), str(step), str(out),
+            *map(str, mesh)]
+
+
+def test_slurm_two_process_checkpoint_restores_in_one_and_in_four_processes(trained_run, tmp_path):
+    """Two processes started as srun tasks (the SLURM variables JAX's cluster detection reads,
+    coordinator on 127.0.0.1) train with fsdp across them; their checkpoint restores in one
+    process (one device) and in four processes with another mesh (data 2 x fsdp 2): identical
+    parameters and the same loss for the next step on a fixed batch."""
+    import numpy as np
+
+    base, env, _ = trained_run
+    port = _slurm_port()
+    run_dir = tmp_path / "slurm"
+    slurm = {"SLURM_JOB_ID": str(port - 61440), "SLURM_STEP_NODELIST": "127.0.0.1", "SLURM_NTASKS": "2",
+             "SLURM_NODEID": "0"}
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxllm.train", "--config", str(base / "cfg.yaml"),
+                               f"trainer.run_dir={run_dir}", "mesh.data=1", "mesh.fsdp=-1", "trainer.total_steps=8"],
+                              cwd=ROOT, env={**env, **slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)},
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:]
+    assert "mesh {'data': 1, 'fsdp': 2, 'tensor': 1}, 2 cpu devices" in outs[0][0]  # one job, not two
+    data = sorted(os.listdir(run_dir / "checkpoints" / "8" / "data"))
+    assert [d for d in data if d.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    single = subprocess.run(_probe(run_dir, 8, tmp_path / "one.npz", (1, 1, 1), env), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    four_port = _free_port()
+    four = [subprocess.Popen(_probe(run_dir, 8, tmp_path / "four.npz", (2, 2, 1), env), cwd=ROOT, text=True,
+                             env={**env, "JAXLLM_COORDINATOR": f"127.0.0.1:{four_port}", "JAXLLM_NUM_PROCESSES": "4",
+                                  "JAXLLM_PROCESS_ID": str(i)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for i in range(4)]
+    errs = [p.communicate(timeout=300)[1] for p in four]
+    assert [p.returncode for p in four] == [0, 0, 0, 0], errs[0][-2000:]
+
+    one, many = np.load(tmp_path / "one.npz"), np.load(tmp_path / "four.npz")
+    assert (int(one["processes"]), int(many["processes"])) == (1, 4)
+    names = [k for k in one.files if k.startswith("[")]
+    assert names and sorted(names) == sorted(k for k in many.files if k.startswith("["))
+    for k in names:
+        assert np.array_equal(one[k], many[k]), k
+    assert float(many["loss"]) == pytest.approx(float(one["loss"]), rel=1e-6)
