@@ -53,8 +53,11 @@ def warm_run(tmp_path_factory):
         r["id"] = f"pool-{i}"
     write = lambda name, rs: (root / name).write_text("".join(json.dumps(r) + "\n" for r in rs))
     write("pool.jsonl", pool)
-    warm = [pool[i] for i in np.random.default_rng(0).permutation(len(pool))[:70]]
-    write("warm.jsonl", warm)
+    assert cli.main(["sample", "--input", str(root / "pool.jsonl"), "--fraction", "0.2", "--out",
+                     str(root / "warm.jsonl")]) == 0
+    warm = [json.loads(line) for line in open(root / "warm.jsonl")]
+    assert len(warm) == 70 and len({r["id"] for r in warm}) == 70  # records unchanged, in pool order
+    assert [int(r["id"][5:]) for r in warm] == sorted(int(r["id"][5:]) for r in warm)
     for task in ("upper", "sort"):
         write(f"target-{task}.jsonl", [r for r in held if r["task"] == task])
     texts = [m["content"] for r in pool for m in r["messages"]]

@@ -1,5 +1,6 @@
 """Command line of `python -m jaxllm.select`.
 
+  python -m jaxllm.select sample --input POOL.jsonl --fraction 0.05 --out warmup.jsonl [--seed 0]
   python -m jaxllm.select less --train POOL.jsonl --target VAL.jsonl --checkpoints RUN_DIR \\
       [--config CFG] [--fraction 0.05] [--dims 8192] --out selected.jsonl [key=value ...]
   python -m jaxllm.select doremi --config CFG [--reference RUN_DIR] --out weights.yaml [key=value ...]
@@ -24,7 +25,7 @@ import numpy as np
 from jaxllm.errors import run_cli
 from jaxllm.select.records import SelectError, read_annotations, read_jsonl, read_judgments
 
-COMMANDS = ("less", "doremi", "train-rater", "train-edu", "rate")
+COMMANDS = ("sample", "less", "doremi", "train-rater", "train-edu", "rate")
 
 
 def _parser(command: str, description: str) -> argparse.ArgumentParser:
@@ -46,6 +47,28 @@ def _split(n: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
         raise SelectError(f"{n} examples are too few to hold {k} out for evaluation")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[k:]), np.sort(order[:k])
+
+
+def sample(argv) -> int:
+    """A seeded random share of a jsonl file's records, unchanged and in file order: LESS's
+    warm-up data (train a LoRA SFT run on it, then `less --checkpoints` that run)."""
+    p = _parser("sample", sample.__doc__.splitlines()[0])
+    p.add_argument("--input", required=True)
+    p.add_argument("--fraction", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    def body():
+        if not 0 < args.fraction <= 1:
+            raise SelectError(f"--fraction must be in (0, 1], got {args.fraction}")
+        records = read_jsonl(args.input, "--input")
+        k = max(1, round(args.fraction * len(records)))
+        keep = np.sort(np.random.default_rng(args.seed).permutation(len(records))[:k])
+        _write_jsonl(args.out, (records[i][1] for i in keep))
+        print(f"sample: {k} of {len(records)} records -> {args.out}", file=sys.stderr)
+
+    return run_cli(body)
 
 
 # ----------------------------------------------------------------------------- rating models
@@ -179,6 +202,8 @@ def main(argv=None) -> int:
         print(f"error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
+    if command == "sample":
+        return sample(rest)
     if command in ("train-rater", "train-edu"):
         return train_rating(rest, command)
     if command == "rate":
