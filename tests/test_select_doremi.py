@@ -140,7 +140,11 @@ def test_bad_mixtures_are_one_line_errors(tmp_path, capsys):
     for overrides, message in [(["data.stages=[{weights: {prose: 1, noise: 0}}]"],
                                 "error: doremi: data.stages[0].weights.noise is 0: the proxy must see every domain"),
                                (["data.stages=[{weights: {prose: 1, noise: 1}}, {start_step: 5, weights: {prose: 1}}]"],
-                                "error: doremi: the config has 2 stages")]:
+                                "error: doremi: the config has 2 stages"),
+                               ([f"data.sources=[{{name: prose, train: [{tmp_path}/prose], eval: [{tmp_path}/prose]}}, "
+                                 f"{{name: noise, train: [{tmp_path}/noise], eval: [{tmp_path}/noise]}}]",
+                                 "data.dynamic_weights={every_steps: 5, reference_losses: {prose: 1, noise: 1}}"],
+                                "error: doremi: data.dynamic_weights is on")]:
         assert cli.main(["doremi", "--config", config, "--out", str(tmp_path / "w.yaml"), *overrides]) == 2
         assert capsys.readouterr().err.strip().startswith(message)
     with pytest.raises(SelectError, match="domain 'noise' never appeared in the proxy's 3 batches"):

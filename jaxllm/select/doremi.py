@@ -61,6 +61,9 @@ def check_base_mixture(cfg) -> tuple[list[str], tuple[float, ...]]:
     d = cfg.data
     if not make_task(cfg).uses_mixtures or len(d.sources) < 2:
         raise SelectError("doremi: the config must be a pretraining mixture with two or more data.sources")
+    if d.dynamic_weights.enabled:
+        raise SelectError("doremi: data.dynamic_weights is on; the reference and the proxy train on the fixed base "
+                          "mixture (set data.dynamic_weights.every_steps=0)")
     if len(d.stages) != 1:
         raise SelectError(f"doremi: the config has {len(d.stages)} stages; give one, whose weights are the "
                           "base mixture the reference and the proxy train on")
@@ -119,8 +122,8 @@ class DROState:
 class Proxy:
     """The group-DRO proxy run (module doc, step 2)."""
 
-    def __init__(self, cfg, ref_cfg, ref_params, tokenizer, *, eta: float, smoothing: float, log=print):
-        self.cfg, self.eta, self.smoothing, self.log = cfg, eta, smoothing, log
+    def __init__(self, cfg, ref_cfg, ref_params, tokenizer, *, eta: float, smoothing: float):
+        self.cfg, self.eta, self.smoothing = cfg, eta, smoothing
         self.names, _ = check_base_mixture(cfg)
         self.trainer = Trainer(cfg, mesh_from_config(cfg.mesh))
         shapes = jax.tree.map(lambda a: a.shape, ref_params)
@@ -223,8 +226,7 @@ def run_doremi(cfg, config_path: str, out: str, *, reference: str | None, work: 
     steps = proxy_steps or cfg.trainer.total_steps
     proxy_cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(
         cfg.trainer, total_steps=steps, run_dir=os.path.join(work, "proxy")))
-    proxy = Proxy(proxy_cfg, ref_cfg, ref_params, run_tokenizer(ref_cfg, reference), eta=eta, smoothing=smoothing,
-                  log=log)
+    proxy = Proxy(proxy_cfg, ref_cfg, ref_params, run_tokenizer(ref_cfg, reference), eta=eta, smoothing=smoothing)
     dro = proxy.run(proxy_cfg.trainer.run_dir, steps)
     check_seen(names, dro.tokens, steps)
     weights = dro.alpha_sum / steps
