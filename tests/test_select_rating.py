@@ -135,7 +135,7 @@ def test_rater_orders_held_out_pairs_and_rate_selects(world, capsys):
     (root / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     out = root / "rater"
     assert cli.main(["train-rater", "--config", cfg, "--pairs", str(root / "judgments.jsonl"), "--criterion",
-                     "educational_value", "--out", str(out), *_common(root, "rater", 50)]) == 0
+                     "educational_value", "--out", str(out), *_common(root, "rater", 120)]) == 0
     assert "held-out accuracy" in capsys.readouterr().err
     info = rating_model_info(str(out))
     assert info == {"kind": "rater", "score_key": "qurater_educational_value", "criterion": "educational_value"}
