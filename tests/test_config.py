@@ -59,7 +59,7 @@ def test_resolved_config_round_trips(tmp_path):
     ("model.n_kv_heads=3", "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     ("trainer.grad_accum_steps=5", "trainer.grad_accum_steps (5) must divide trainer.batch_size (32)"),
     ("bogus=1", "unknown key 'bogus'"),
-    ("trainer.epochs=2", "trainer.epochs is for task sft, dpo or reward; for pretraining set trainer.total_steps"),
+    ("trainer.epochs=2", "trainer.epochs is for task sft, dpo, reward, rater or edu; for pretraining set trainer.total_steps"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -175,6 +175,17 @@ def test_edu_regressor_finds_the_documents_scoring_3_or_more(world):
     assert np.mean((pred >= 3) == (truth >= 3)) >= 0.9  # FineWeb-Edu's keep decision
     assert np.mean(np.abs(pred - truth) <= 1) >= 0.95
 
+    # The same run as jaxllm.curate's quality model: it keeps exactly the documents scoring >= 2.5.
+    from jaxllm.curate import CurateConfig, curate
+
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, (t, _) in enumerate(held[:48])))
+    curate(CurateConfig(input=[str(docs)], output=str(root / "kept.jsonl"), filters=[], dedup=[], workers=1,
+                        quality_model=str(out), quality_threshold=2.5))
+    kept = [json.loads(line)["id"] for line in open(root / "kept.jsonl")]
+    scores = scorer.score_batch([t for t, _ in held[:48]])
+    assert kept == [f"d{i}" for i in range(48) if scores[i] >= 2.5] and 0 < len(kept) < 48
+
 
 @pytest.mark.parametrize("record, message", [
     ({"text_a": "x", "text_b": "y", "p_b_over_a": 1.5}, "p_b_over_a 1.5 is outside [0, 1]"),

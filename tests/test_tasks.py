@@ -40,8 +40,8 @@ class _TwoByTwo(PretrainTask):
 
 
 def test_registry_names_every_task_and_validation_reads_it():
-    assert set(TASKS) == {"pretrain", "sft", "dpo", "reward", "rl"}
-    with pytest.raises(ConfigError, match="task: 'ppo' is not one of pretrain, sft, dpo, reward, rl"):
+    assert set(TASKS) == {"pretrain", "sft", "dpo", "reward", "rl", "rater", "edu"}
+    with pytest.raises(ConfigError, match="task: 'ppo' is not one of pretrain, sft, dpo, reward, rl, rater, edu"):
         load_config("configs/tiny.yaml", ["task=ppo"])
     for name, cls in TASKS.items():
         assert isinstance(make_task(build(Config, {"task": name})), cls)

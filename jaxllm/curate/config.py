@@ -12,6 +12,7 @@ a key of the hand-written filters this replaced is an error naming its datatrove
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import yaml
@@ -141,7 +142,7 @@ class CurateConfig:
 
     # ---- model-based quality (a scorer step; see jaxllm/curate/scoring.py)
     quality_model: str | None = None
-    quality_threshold: float | None = None  # keep if P(high quality) >= threshold
+    quality_threshold: float | None = None  # keep if P(high quality) >= it; a rating run: its score >= it
     quality_tau: float | None = None        # or sample without replacement with P ∝ exp(logit / tau)
     quality_keep_fraction: float = 0.5      # share of documents the tau sampling keeps
     quality_seed: int = 0
@@ -240,7 +241,8 @@ def _check_stages(cfg: CurateConfig) -> None:
         raise ConfigError("quality_model: quality_threshold / quality_tau need a quality_model")
     if cfg.quality_model and cfg.quality_threshold is None and cfg.quality_tau is None:
         raise ConfigError("quality_model: set quality_threshold or quality_tau to filter with it")
-    if cfg.quality_threshold is not None and not 0 <= cfg.quality_threshold <= 1:
+    rating_run = cfg.quality_model and os.path.isdir(os.path.expanduser(cfg.quality_model))  # a raw-score threshold
+    if cfg.quality_threshold is not None and not rating_run and not 0 <= cfg.quality_threshold <= 1:
         raise ConfigError(f"quality_threshold: {cfg.quality_threshold} is not in [0, 1]")
     if cfg.quality_tau is not None and cfg.quality_tau <= 0:
         raise ConfigError(f"quality_tau: {cfg.quality_tau} must be > 0")

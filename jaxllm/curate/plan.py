@@ -32,6 +32,7 @@ from jaxllm.curate.filters import build_filter
 from jaxllm.curate.quality import QualityModel
 from jaxllm.curate.readers import InputSet, WorkReader, make_reader, resolve_inputs
 from jaxllm.curate.writers import RemovalLog, output_writer, work_writer
+from jaxllm.errors import ConfigError
 
 SINGLE_FILE_SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl.gz", ".parquet": "parquet"}
 
@@ -122,8 +123,7 @@ def _first_pass(b: _Builder, cfg: CurateConfig, shares: list[InputSet]) -> None:
         b.add(NGramsDecontFilter(index, config=NGramsDecontConfig(n_grams=cfg.decontam_n_grams),
                                  exclusion_writer=log, language=cfg.language), "decontaminate")
     if cfg.quality_model:
-        QualityModel.load(cfg.quality_model)  # a missing or foreign file fails here, not in every task
-        b.add(scoring.HashedBigramScorer(cfg.quality_model), "quality", counts=False)
+        b.add(quality_scorer(cfg)[0], "quality", counts=False)
 
 
 def _dedup_passes(b: _Builder, cfg: CurateConfig) -> None:
@@ -143,15 +143,37 @@ def _dedup_passes(b: _Builder, cfg: CurateConfig) -> None:
             b.add(steps["filter"], "minhash_dedup")
 
 
+def quality_scorer(cfg: CurateConfig):
+    """(scorer step, its score key, quality_threshold as a score) of cfg.quality_model: a jaxllm
+    rating run (QuRater / educational value: the threshold is a raw score, e.g. 2.5 keeps edu
+    scores >= 3) or the hashed-bigram model file (the threshold is a probability)."""
+    from jaxllm.select.scorers import rating_model_info
+
+    path = cfg.quality_model
+    info = rating_model_info(path) if os.path.isdir(os.path.expanduser(path)) else None
+    if info is not None:
+        return scoring.RatingModelScorer(path, info["score_key"]), info["score_key"], cfg.quality_threshold
+    if os.path.isdir(os.path.expanduser(path)):
+        raise ConfigError(f"quality_model: {path} is a folder but not a jaxllm rating run (task rater or edu); "
+                          "give one, or a hashed-bigram model file from train-quality")
+    QualityModel.load(path)  # a missing or foreign file fails here, not in every task
+    threshold = None if cfg.quality_threshold is None else scoring.logit_of(cfg.quality_threshold)
+    return scoring.HashedBigramScorer(path), scoring.QUALITY_KEY, threshold
+
+
 def _quality_selection(b: _Builder, cfg: CurateConfig) -> None:
-    log = b.log("quality", "below_threshold", (scoring.QUALITY_KEY,))
-    if cfg.quality_threshold is not None:
-        b.add(scoring.ScoreThreshold(scoring.logit_of(cfg.quality_threshold), exclusion_writer=log), "quality")
+    if not cfg.quality_model:
+        return
+    _, key, threshold = quality_scorer(cfg)
+    log = b.log("quality", "below_threshold", (key,))
+    if threshold is not None:
+        b.add(scoring.ScoreThreshold(threshold, score_key=key, exclusion_writer=log), "quality")
     elif cfg.quality_tau is not None:
         keys = os.path.join(b.work, "quality_keys")
-        b.end_pass(scoring.SampleKeys(keys, cfg.quality_tau, cfg.quality_seed), "quality")
+        b.end_pass(scoring.SampleKeys(keys, cfg.quality_tau, cfg.quality_seed, score_key=key), "quality")
         b.single("quality_cutoff", scoring.SampleCutoff(keys, cfg.quality_keep_fraction), 1, "quality")
-        b.add(scoring.SampleFilter(keys, cfg.quality_tau, cfg.quality_seed, exclusion_writer=log), "quality")
+        b.add(scoring.SampleFilter(keys, cfg.quality_tau, cfg.quality_seed, score_key=key, exclusion_writer=log),
+              "quality")
 
 
 def make_plan(cfg: CurateConfig, work: str, report_step_factory) -> Plan:

@@ -75,6 +75,24 @@ class HashedBigramScorer(DocumentScorer):
         return [self._model.logit(t) for t in texts]
 
 
+class RatingModelScorer(DocumentScorer):
+    """The score of a jaxllm rating run (`python -m jaxllm.select train-rater` / `train-edu`: a
+    QuRater rating or an educational-value score), under the key that run's kind names."""
+
+    name = "jaxllm rating model"
+
+    def __init__(self, run_dir: str, score_key: str, batch_size: int = 64):
+        super().__init__(batch_size)
+        self.run_dir, self.score_key, self._scorer = run_dir, score_key, None
+
+    def score_batch(self, texts: list[str]) -> list[float]:
+        if self._scorer is None:  # built inside the worker, so JAX starts there
+            from jaxllm.select.scorers import ModelScorer
+
+            self._scorer = ModelScorer(self.run_dir, batch_size=self.batch_size)
+        return self._scorer.score_batch(texts).tolist()
+
+
 def logit_of(prob: float) -> float:
     """The logit threshold equivalent to P(high quality) >= prob."""
     if prob <= 0:

@@ -73,7 +73,7 @@ class RemovalLog(JsonlWriter):
         meta = document.metadata
         out = {"id": document.id, "source": meta.get(SOURCE), "stage": self.stage,
                "rule": meta.get("filter_reason") or self.rule}
-        detail = {DETAIL_KEYS[k]: meta[k] for k in self.detail_keys if meta.get(k) is not None}
+        detail = {DETAIL_KEYS.get(k, k): meta[k] for k in self.detail_keys if meta.get(k) is not None}
         if detail:
             out["detail"] = detail
         out["text"] = truncate(document.text)
