@@ -4,7 +4,9 @@ Compiles each shipped config ahead of time for one or two TPU slices it is meant
 (`jaxllm.compile`, libtpu's compile-only devices; no TPU needed) and writes a dated results file
 with every row's per-chip memory, whether it fits and the full reports, plus the Markdown table.
 A config that does not fit as shipped keeps its one-line reason, and the next row is the
-smallest trainer.grad_accum_steps (same global batch, fewer rows per chip at a time) that fits.
+smallest trainer.grad_accum_steps (same global batch, fewer rows per chip at a time) that fits,
+or the finest split there is (one row per chip) with what it still needs: the eval step takes
+trainer.batch_size rows at once, so it can be what does not fit.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ def main(argv=None) -> int:
             r = run_row(config, topology, attempt)
             print(f"{config} {topology} {' '.join(attempt)}: {r.get('peak_gib_per_chip', '-')} GiB/chip, "
                   f"fits {r['fits']} ({r['seconds']} s) {r.get('error', '')}", file=sys.stderr, flush=True)
-            if i == 0 or r["fits"] or not r["error"].startswith("does not fit"):
-                results.append(r)  # the config as shipped, then the first split that fits
+            last = i == len(tries) - 1
+            if i == 0 or last or r["fits"] or not r["error"].startswith("does not fit"):
+                results.append(r)  # as shipped, then the first split that fits (or the finest tried)
             if r["fits"] or not r["error"].startswith("does not fit"):
                 break
     table = markdown(results)

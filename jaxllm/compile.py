@@ -159,7 +159,7 @@ def _rollout_lowered(trainer, mesh):
         return jax.jit(rollout).lower(s.params, s.frozen, prompts, lengths)
 
 
-def _out_of_memory(e: Exception, hbm_bytes: int) -> DoesNotFit | None:
+def _out_of_memory(e: Exception, hbm_bytes: int, program: str) -> DoesNotFit | None:
     """XLA:TPU refuses a program that cannot fit HBM at compile time: its need, in one line."""
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
@@ -169,10 +169,11 @@ def _out_of_memory(e: Exception, hbm_bytes: int) -> DoesNotFit | None:
              or re.search(rf"required for (?:HLO )?\w+ \({size}\) exceeds available HBM \({size}\)", text))
     have = f"{hbm_bytes / GIB:.2f} GiB per chip"
     if not found:
-        return DoesNotFit(f"does not fit: XLA:TPU ran out of the {have} ({text.strip().splitlines()[0][:200]})")
+        return DoesNotFit(f"does not fit: the {program} step ran out of the {have} "
+                          f"({text.strip().splitlines()[0][:200]})")
     need = float(found.group(1)) * {"G": 1, "M": 2**-10, "K": 2**-20, None: 2**-30}[found.group(2)]
     return DoesNotFit(f"does not fit: needs at least {need:.2f} GiB per chip of {hbm_bytes / GIB:.2f} "
-                      f"(XLA:TPU ran out of HBM while compiling)")
+                      f"(XLA:TPU ran out of HBM compiling the {program} step)")
 
 
 def compile_for(cfg, topology: Topology, devices=None) -> dict:
@@ -203,7 +204,7 @@ def compile_for(cfg, topology: Topology, devices=None) -> dict:
         try:
             report["programs"][name] = _stats(lower(), topology.hbm_bytes)
         except jax.errors.JaxRuntimeError as e:
-            raise _out_of_memory(e, topology.hbm_bytes) or e
+            raise _out_of_memory(e, topology.hbm_bytes, name) or e
     need = max(p["total_bytes"] for p in report["programs"].values())
     report |= {"peak_gib_per_chip": round(need / GIB, 4), "fits": need <= topology.hbm_bytes}
     return report
@@ -231,8 +232,9 @@ def main(argv=None) -> int:
         report = {"config": args.config, "overrides": args.overrides, **compile_for(cfg, topology)}
         print(json.dumps(report, indent=2), flush=True)
         if not report["fits"]:
+            worst = max(report["programs"], key=lambda k: report["programs"][k]["total_bytes"])
             raise DoesNotFit(f"does not fit: needs {report['peak_gib_per_chip']:.2f} GiB per chip of "
-                             f"{report['hbm_per_chip_gib']:.2f} ({topology.name}, mesh {report['mesh']})")
+                             f"{report['hbm_per_chip_gib']:.2f} ({worst} step; {topology.name}, mesh {report['mesh']})")
         return 0
 
     return run_cli(body)

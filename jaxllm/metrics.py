@@ -1,4 +1,11 @@
-"""Run logging: a progress bar on stdout, `metrics.jsonl`, TensorBoard events. Process 0 only."""
+"""Run logging: a progress bar on stdout, `metrics.jsonl`, TensorBoard events. Process 0 only.
+
+A run directory at a URL (`gs://bucket/run`): an object store cannot append, so metrics.jsonl
+is kept in memory and the whole object rewritten at each logged line (a line every
+logging.every_steps steps; a killed run loses none of the lines it had logged). TensorBoard
+events go to gs:// or s3:// through tensorboardX's own writers (gs:// needs
+google-cloud-storage, in the `gcs` extra).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,9 @@ import os
 import sys
 
 import jax
+
+from jaxllm import paths
+from jaxllm.errors import UserError
 
 # Dense bf16 peak TFLOP/s per device, by the prefix of `device.device_kind`.
 PEAK_TFLOPS = {
@@ -33,15 +43,23 @@ class MetricsLogger:
     def __init__(self, run_dir: str, total_steps: int, *, progress_bar: bool = True,
                  tensorboard: bool = True, initial_step: int = 0):
         self.enabled = jax.process_index() == 0
-        self._bar = self._tb = self._jsonl = None
+        self._bar = self._tb = self._jsonl = self._remote = None
         if not self.enabled:
             return
-        os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        run_dir = paths.expand(run_dir)
+        path = paths.join(run_dir, "metrics.jsonl")
+        if paths.is_url(run_dir):
+            self._remote = (path, [paths.read_text(path)] if paths.exists(path) else [])
+        else:
+            os.makedirs(run_dir, exist_ok=True)
+            self._jsonl = open(path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            if paths.is_url(run_dir) and not run_dir.startswith(("gs://", "s3://")):
+                raise UserError(f"logging.tensorboard: TensorBoard events go to local folders, gs:// or s3://, "
+                                f"not {run_dir}; set logging.tensorboard=false")
+            self._tb = SummaryWriter(paths.join(run_dir, "tensorboard"))
         if progress_bar:
             from tqdm import tqdm
 
@@ -53,8 +71,14 @@ class MetricsLogger:
             return
         clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in metrics.items()}
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in clean.items()}
-        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
-        self._jsonl.flush()
+        line = json.dumps({"step": step, **clean}) + "\n"
+        if self._remote is not None:
+            path, lines = self._remote
+            lines.append(line)
+            paths.write_text(path, "".join(lines))
+        else:
+            self._jsonl.write(line)
+            self._jsonl.flush()
         if self._tb is not None:
             for k, v in clean.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:

@@ -1,10 +1,11 @@
 """One path layer for local files and cloud storage (`gs://bucket/x`, `s3://...`, and the other
 URLs etils.epath / fsspec know).
 
-Local paths go through `os` exactly as before (`~` expanded); a URL goes through
-`etils.epath` (fsspec: `gcsfs` for gs://, `pip install "jaxllm[gcs]"`). Orbax and tensorstore
-write checkpoints to a URL themselves; this module serves the rest of a run directory and the
-data specs.
+Local paths go through `os` exactly as before (`~` expanded); a URL goes through fsspec
+(`gcsfs` for gs://, `pip install "jaxllm[gcs]"`), the file systems etils.epath uses for orbax.
+Orbax and tensorstore write checkpoints to a URL themselves; this module serves the rest of a
+run directory and the data specs. Listings and existence checks drop fsspec's listing cache
+first: another process (a run being resumed, a training job) may have written since.
 
 Libraries that need a real local file (memory maps of prepared shards, SentencePiece, the
 record readers' random access) get `local_copy(url)`: the object is downloaded once into the
@@ -29,10 +30,14 @@ def is_url(path) -> bool:
     return bool(_URL.match(os.fspath(path)))
 
 
-def _epath(path):
-    from etils import epath
+def _fs(path, fresh: bool = False):
+    """(fsspec file system, path within it) of a URL; `fresh` drops cached listings."""
+    import fsspec
 
-    return epath.Path(os.fspath(path))
+    fs, inner = fsspec.core.url_to_fs(os.fspath(path))
+    if fresh:
+        fs.invalidate_cache()
+    return fs, inner
 
 
 def resolve(path) -> str:
@@ -63,29 +68,38 @@ def dirname(path) -> str:
 
 
 def exists(path) -> bool:
-    return _epath(path).exists() if is_url(path) else os.path.exists(path)
+    if not is_url(path):
+        return os.path.exists(path)
+    fs, inner = _fs(path, fresh=True)
+    return fs.exists(inner)
 
 
 def isfile(path) -> bool:
-    return _epath(path).is_file() if is_url(path) else os.path.isfile(path)
+    if not is_url(path):
+        return os.path.isfile(path)
+    fs, inner = _fs(path, fresh=True)
+    return fs.isfile(inner)
 
 
 def isdir(path) -> bool:
-    return _epath(path).is_dir() if is_url(path) else os.path.isdir(path)
+    if not is_url(path):
+        return os.path.isdir(path)
+    fs, inner = _fs(path, fresh=True)
+    return fs.isdir(inner)
 
 
 def makedirs(path) -> None:
-    if is_url(path):
-        _epath(path).mkdir(parents=True, exist_ok=True)
-    else:
+    """A local folder; on an object store nothing (folders are name prefixes)."""
+    if not is_url(path):
         os.makedirs(path, exist_ok=True)
 
 
 def listdir(path) -> list[str]:
     """Entry names of a folder, sorted."""
-    if is_url(path):
-        return sorted(p.name for p in _epath(path).iterdir())
-    return sorted(os.listdir(path))
+    if not is_url(path):
+        return sorted(os.listdir(path))
+    fs, inner = _fs(path, fresh=True)
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(inner, detail=False))
 
 
 def walk_files(folder) -> list[str]:
@@ -96,13 +110,12 @@ def walk_files(folder) -> list[str]:
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
             out += [os.path.join(dirpath, n) for n in sorted(filenames) if not n.startswith(".")]
         return out
-    root = _epath(folder)
+    fs, root = _fs(os.fspath(folder).rstrip("/"), fresh=True)
     out = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root).parts
-        if any(part.startswith(".") or part == "__pycache__" for part in rel) or not p.is_file():
-            continue
-        out.append(os.fspath(p))
+    for p in fs.find(root):  # one recursive listing (epath refuses `**` on object stores)
+        rel = p[len(root):].strip("/").split("/")
+        if not any(part.startswith(".") or part == "__pycache__" for part in rel):
+            out.append(fs.unstrip_protocol(p))
     return sorted(out)
 
 
@@ -112,10 +125,8 @@ def glob(pattern) -> list[str]:
         import glob as glob_lib
 
         return sorted(glob_lib.glob(pattern, recursive=True))
-    # The fixed part before the first wildcard is the folder to search from.
-    head = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
-    root = head.rsplit("/", 1)[0]
-    return sorted(os.fspath(p) for p in _epath(root).glob(pattern[len(root) + 1:]))
+    fs, path = _fs(pattern, fresh=True)
+    return sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
 
 
 def size_and_mtime(path) -> tuple[int, int]:
@@ -123,13 +134,31 @@ def size_and_mtime(path) -> tuple[int, int]:
     if not is_url(path):
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns
-    st = _epath(path).stat()
-    return int(st.length), int(float(st.mtime or 0) * 1e9)
+    fs, inner = _fs(path, fresh=True)
+    info = fs.info(inner)
+    stamp = info.get("generation") or info.get("mtime") or info.get("updated") or info.get("LastModified") or 0
+    return int(info["size"]), _stamp(stamp)
+
+
+def _stamp(value) -> int:
+    """An object's version as an int (GCS generation, or a modification time in ns)."""
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return int(value.timestamp() * 1e9)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value) * 1e9)
+        except ValueError:
+            return int(datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp() * 1e9)
 
 
 def read_bytes(path) -> bytes:
     if is_url(path):
-        return _epath(path).read_bytes()
+        fs, inner = _fs(path)
+        return fs.cat_file(inner)
     with open(path, "rb") as f:
         return f.read()
 
@@ -142,7 +171,8 @@ def write_bytes(path, data: bytes) -> None:
     """Writes a whole file atomically: a local temp file renamed over `path`, or one object
     upload (object stores replace an object whole)."""
     if is_url(path):
-        _epath(path).write_bytes(data)
+        fs, inner = _fs(path)
+        fs.pipe_file(inner, data)
         return
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -165,7 +195,8 @@ def write_text(path, text: str) -> None:
 def rename(src, dst) -> None:
     """Moves a file or folder (on an object store: copies every object, then deletes them)."""
     if is_url(src):
-        _epath(src).rename(_epath(dst))
+        fs, inner = _fs(src, fresh=True)
+        fs.mv(inner, _fs(dst)[1], recursive=True)
     else:
         os.replace(src, dst)
 
@@ -187,7 +218,8 @@ def local_copy(path) -> str:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as dst, _epath(path).open("rb") as src:
+            fs, inner = _fs(path)
+            with os.fdopen(fd, "wb") as dst, fs.open(inner, "rb") as src:
                 while block := src.read(1 << 22):
                     dst.write(block)
             os.replace(tmp, target)

@@ -79,7 +79,8 @@ def test_a_run_that_cannot_fit_says_so_in_one_line():
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr
-    assert errors[0].startswith("error: does not fit: needs at least ") and errors[0].count("GiB per chip of 16.00")
+    assert errors[0].startswith("error: does not fit: needs at least ") and "GiB per chip of 16.00" in errors[0]
+    assert errors[0].endswith("(XLA:TPU ran out of HBM compiling the train step)")
 
 
 def test_axis_that_does_not_divide_and_a_gpu_only_kernel_are_named():

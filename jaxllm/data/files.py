@@ -14,6 +14,9 @@ A source spec is one of
   * token shards written by `python -m jaxllm.data.prepare`: `prepared:DIR`, or a folder that
     holds a `manifest.json` (`prepared_dir`; read by `jaxllm.data.shards`). They hold no text
     files, so `resolve_files` refuses them.
+  * any of the above at a URL (`gs://bucket/data/*.parquet`, `prepared:gs://bucket/shards`):
+    listed through `jaxllm.paths`, and each file staged once into the local data cache
+    (`paths.local_copy`: random access for the readers, memory maps for shards).
 
 Compressed jsonl. A compressed stream has no cheap random access, and the pipeline shuffles
 documents by index, so each `.jsonl.gz` / `.jsonl.zst` file is decompressed once, streaming
@@ -41,6 +44,7 @@ import re
 import sysconfig
 import zlib
 
+import jaxllm.paths as paths
 from jaxllm.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
@@ -150,15 +154,38 @@ def _walk(folder: str) -> list[str]:
 
 
 def prepared_dir(spec: str) -> str | None:
-    """The folder of token shards a spec names (`prepared:DIR`, or a folder holding
-    manifest.json), else None."""
+    """The local folder of token shards a spec names (`prepared:DIR`, or a folder holding
+    manifest.json; a URL's shards staged locally), else None."""
     if spec.startswith(PREPARED_PREFIX):
-        folder = os.path.expanduser(spec[len(PREPARED_PREFIX):])
-        if not os.path.isfile(os.path.join(folder, PREPARED_MANIFEST)):
+        folder = paths.expand(spec[len(PREPARED_PREFIX):])
+        if not paths.isfile(paths.join(folder, PREPARED_MANIFEST)):
             raise SourceError(f"{spec}: no {PREPARED_MANIFEST} in {folder} (make one with python -m jaxllm.data.prepare)")
-        return folder
-    path = os.path.expanduser(spec)
-    return path if os.path.isfile(os.path.join(path, PREPARED_MANIFEST)) else None
+        return paths.local_folder(folder)
+    path = paths.expand(spec)
+    if glob.has_magic(path) or not paths.isfile(paths.join(path, PREPARED_MANIFEST)):
+        return None
+    return paths.local_folder(path)
+
+
+def _remote_files(spec: str) -> list[str]:
+    """The source files a URL spec names (a file, a folder or a glob), staged locally."""
+    if glob.has_magic(spec):
+        found = []
+        for match in paths.glob(spec):
+            found += [f for f in paths.walk_files(match) if file_kind(f)] if paths.isdir(match) else (
+                [match] if file_kind(match) else [])
+        kind = "glob matches"
+    elif paths.isdir(spec):
+        found, kind = [f for f in paths.walk_files(spec) if file_kind(f)], "folder has"
+    elif paths.isfile(spec):
+        if file_kind(spec) is None:
+            raise SourceError(f"{spec}: unsupported file type; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        found, kind = [spec], ""
+    else:
+        raise SourceError(f"{spec}: no such file, folder or glob")
+    if not found:
+        raise SourceError(f"{spec}: {kind} no {'/'.join(SUPPORTED_SUFFIXES)} files")
+    return [paths.local_copy(f) for f in found]
 
 
 def resolve_files(spec: str, *, eval_fraction: float = 0.02) -> list[str]:
@@ -170,6 +197,8 @@ def resolve_files(spec: str, *, eval_fraction: float = 0.02) -> list[str]:
         raise SourceError(f"{spec}: prepared token shards hold no text files (tokenizer training and "
                           f"text readers need the original sources; a prepared folder's manifest.json "
                           f"names its tokenizer, set data.tokenizer to that file)")
+    if paths.is_url(spec):
+        return _remote_files(spec)
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         files = _walk(path)

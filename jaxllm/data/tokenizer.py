@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+import jaxllm.paths as paths
 from jaxllm.data.documents import DocumentSource, open_source
 from jaxllm.data.files import file_lock, resolve_files, stdlib_root
 from jaxllm.errors import ConfigError, UserError
@@ -246,7 +247,7 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
     model vocabulary is fine).
     """
     if data_cfg.tokenizer != "auto":
-        path = os.path.expanduser(data_cfg.tokenizer)
+        path = _local_tokenizer(paths.expand(data_cfg.tokenizer))
         hf_json = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if hf_json.endswith("tokenizer.json") and os.path.isfile(hf_json):
             from jaxllm.data.hf_tokenizer import HFTokenizer  # SmolLM2's, Llama 3's, Qwen2's
@@ -284,12 +285,35 @@ def load_tokenizer(data_cfg, vocab_size: int) -> Tokenizer:
 RUN_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
+def _companions() -> tuple[str, ...]:
+    from jaxllm.data.chat_template import CONFIG_FILE, TEMPLATE_FILE
+
+    return CONFIG_FILE, TEMPLATE_FILE
+
+
+def _local_tokenizer(path: str) -> str:
+    """A local path for a tokenizer at a URL (a .model, a tokenizer.json or its folder): the
+    tokenizer file and, for tokenizer.json, its companions staged together (`paths`)."""
+    if not paths.is_url(path):
+        return path
+    if path.endswith(".model"):
+        return paths.local_copy(path) if paths.isfile(path) else path
+    folder, file = (path, "tokenizer.json") if not path.endswith(".json") else (paths.dirname(path), paths.basename(path))
+    names = [n for n in (file,) + _companions() if paths.isfile(paths.join(folder, n))]
+    if file not in names:
+        raise FileNotFoundError(f"data.tokenizer: no tokenizer.json at {paths.join(folder, file)}")
+    local = paths.local_folder(folder, names)
+    return os.path.join(local, file) if path.endswith(".json") else local
+
+
 def saved_tokenizer(folder: str) -> str | None:
-    """The tokenizer file a run / params / Hugging Face directory holds, if any."""
+    """The tokenizer file a run / params / Hugging Face directory holds (local, or staged from a
+    URL), if any."""
+    folder = paths.expand(folder)
     for name in RUN_TOKENIZER_FILES:
-        path = os.path.join(os.path.expanduser(folder), name)
-        if os.path.isfile(path):
-            return path
+        path = paths.join(folder, name)
+        if paths.isfile(path):
+            return _local_tokenizer(path)
     return None
 
 
@@ -308,14 +332,12 @@ def keep_tokenizer(tokenizer, folder: str) -> None:
     """Copies a tokenizer's file (a tokenizer or a path) into `folder` (atomically; a no-op if a
     copy is there). A tokenizer.json takes its tokenizer_config.json (bos/eos/pad) and
     chat_template.jinja along, so the copy has the same special tokens and template."""
-    from jaxllm.data.chat_template import CONFIG_FILE, TEMPLATE_FILE
-
     src = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "path", None)
     if not src or saved_tokenizer(folder):
         return
     name = "tokenizer.json" if src.endswith(".json") else "tokenizer.model"
-    companions = [CONFIG_FILE, TEMPLATE_FILE] if name == "tokenizer.json" else []
+    companions = _companions() if name == "tokenizer.json" else []
     copies = [(p, n) for n in companions if os.path.isfile(p := os.path.join(os.path.dirname(src), n))]
     for path, n in copies + [(src, name)]:  # the tokenizer file last: it marks a complete copy
         with open(path, "rb") as f:
-            _atomic_write(os.path.join(folder, n), f.read())
+            paths.write_bytes(paths.join(paths.expand(folder), n), f.read())
