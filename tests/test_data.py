@@ -147,7 +147,7 @@ def _jaxllm_imports(path):
 
 def test_data_package_is_layered():
     """No import cycle inside jaxllm.data; rows.py imports nothing of jaxllm (the objectives read
-    it); only prepare.py (the top) reads jaxllm.config, and nothing imports prepare.py."""
+    it); outside the package only the base modules (errors, frozendict, paths) and config; only prepare.py (the top) reads jaxllm.config, and nothing imports prepare.py."""
     import jaxllm.data
 
     folder = os.path.dirname(jaxllm.data.__file__)
@@ -155,7 +155,7 @@ def test_data_package_is_layered():
              if name.endswith(".py")}
     assert graph["__init__"] == set() and graph["rows"] == set()
     outside = {m for name, mods in graph.items() for m in mods if not m.startswith("jaxllm.data.")}
-    assert outside == {"jaxllm.errors", "jaxllm.frozendict", "jaxllm.config"}
+    assert outside == {"jaxllm.errors", "jaxllm.frozendict", "jaxllm.paths", "jaxllm.config"}
     assert [n for n, mods in graph.items() if "jaxllm.config" in mods] == ["prepare"]
     assert not [n for n, mods in graph.items() if "jaxllm.data.prepare" in mods]
     deps = {n: {m[len("jaxllm.data."):] for m in mods if m.startswith("jaxllm.data.")} for n, mods in graph.items()}

@@ -63,6 +63,8 @@ def files():
 
 
 def _prompt_of(record):
+    if "ground_truth" in record:  # RLVR prompt records: the messages are the prompt
+        return record["messages"][-1]["content"]
     return synthetic.record_prompt(record)[-1]["content"]
 
 
