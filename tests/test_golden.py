@@ -1,5 +1,8 @@
 """Golden runs: the tiny pretraining config (40 steps) and the tiny recipe's SFT and DPO stages
-reproduce the recorded metrics bit for bit (`tests/golden/runs.py` made the files)."""
+reproduce the recorded metrics (`tests/golden/runs.py` made the files): counts exactly, floats to
+float rounding. XLA's CPU code depends on the instruction set, so another CPU moves the last
+digits (measured between two Xeons: 2e-7 relative on losses, 8e-6 on grad norms, 1e-6 absolute
+on DPO rewards near zero); a changed computation moves them by far more."""
 
 import json
 import os
@@ -9,6 +12,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "golden"))
 
 import runs  # noqa: E402
 
+RTOL, ATOL = 5e-5, 1e-5
+
+
+def _same(got, want) -> bool:
+    if isinstance(want, float) and isinstance(got, float):
+        return abs(got - want) <= ATOL + RTOL * abs(want)
+    return got == want
+
 
 def test_golden_runs_reproduce_exactly(tmp_path):
     got = runs.run_all(str(tmp_path))
@@ -17,4 +28,6 @@ def test_golden_runs_reproduce_exactly(tmp_path):
             want = [json.loads(line) for line in f if line.strip()]
         assert len(rows) == len(want), name
         for g, w in zip(rows, want):
-            assert g == w, (name, g, w)
+            assert set(g) == set(w), (name, sorted(set(g) ^ set(w)))
+            bad = {k: (g[k], w[k]) for k in w if not _same(g[k], w[k])}
+            assert not bad, (name, w.get("step"), bad)

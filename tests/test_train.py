@@ -90,10 +90,17 @@ def test_param_and_optimizer_shardings_follow_rules():
 
 def test_gradient_accumulation_equals_big_batch(single_device_run):
     ref, ref_state, _ = single_device_run
-    got, state, _ = _run(_cfg(grad_accum_steps=4), make_mesh(1, 1, 1, devices=jax.devices()[:1]), _batches(4))
+    got, state, tr = _run(_cfg(grad_accum_steps=4), make_mesh(1, 1, 1, devices=jax.devices()[:1]), _batches(4))
     np.testing.assert_allclose(got, ref, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
                  state.params, ref_state.params)
+    # Evaluation runs in the same microbatches (memory of one microbatch) and gives the whole
+    # batch's metrics.
+    single = Trainer(_cfg(), make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    whole, split = single.evaluate(state, _batches(2, seed=1)), tr.evaluate(state, _batches(2, seed=1))
+    assert set(whole) == set(split) and "eval_loss" in whole
+    for k in whole:
+        np.testing.assert_allclose(split[k], whole[k], rtol=1e-5, err_msg=k)
 
 
 def test_loss_falls_on_a_learnable_sequence():

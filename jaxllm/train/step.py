@@ -70,24 +70,29 @@ class Trainer:
 
     def _grads(self, params, frozen, batch, rng):
         """(summed loss, summed aux, summed grads) over the batch's microbatches."""
-        accum = self.cfg.trainer.grad_accum_steps
         grad_fn = jax.value_and_grad(self._loss, has_aux=True)
-        if accum == 1:
-            (loss_sum, aux), grads = grad_fn(params, frozen, batch, rng, False)
+
+        def micro_grads(mb, r):
+            (loss_sum, aux), grads = grad_fn(params, frozen, mb, r, False)
             return loss_sum, aux, grads
+
+        return self._sum_microbatches(micro_grads, batch, rng)
+
+    def _sum_microbatches(self, fn, batch, rng):
+        """fn(microbatch, rng) summed over trainer.grad_accum_steps microbatches of `batch` (a
+        scan: one microbatch's activations live at a time); fn(batch, rng) when there is one."""
+        accum = self.cfg.trainer.grad_accum_steps
+        if accum == 1:
+            return fn(batch, rng)
         micro = split_rows(batch, accum)
 
         def body(carry, xs):
             j, mb = xs
-            (l, a), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, j), False)
-            return jax.tree.map(jnp.add, carry, (l, a, g)), None
+            return jax.tree.map(jnp.add, carry, fn(mb, None if rng is None else jax.random.fold_in(rng, j))), None
 
-        first = jax.tree.map(lambda x: x[0], micro)
-        aux_shape = jax.eval_shape(self._loss, params, frozen, first, rng, False)[1]
-        zeros = (jnp.zeros(()), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
-                 jax.tree.map(jnp.zeros_like, params))
-        (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
-        return loss_sum, aux, grads
+        shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.lax.scan(body, zeros, (jnp.arange(accum), micro))[0]
 
     def _update(self, params, opt_state, frozen, batch, rng, update_index):
         """One optimizer update on `batch`: (params, opt_state, metrics)."""
@@ -141,9 +146,14 @@ class Trainer:
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     def _eval_step(self, params, frozen, batch):
+        """Summed eval statistics of one eval batch (trainer.batch_size rows), in the training
+        step's microbatches so that evaluation needs no more memory than training."""
+        def micro_stats(mb, _):
+            loss_sum, aux = self._loss(params, frozen, mb, None, True)
+            return aux | {"loss_sum": loss_sum}
+
         with activation_sharding(self.mesh):
-            loss_sum, aux = self._loss(params, frozen, batch, None, True)
-        return aux | {"loss_sum": loss_sum}
+            return self._sum_microbatches(micro_stats, batch, None)
 
     # ------------------------------------------------------------------ host side
 

@@ -2,8 +2,9 @@
 stages for a few steps each from it, all through `python -m jaxllm.train`.
 
 `python tests/golden/runs.py --write` records their metrics.jsonl (without wall-clock fields) as
-`tests/golden/*.jsonl`; `tests/test_golden.py` reruns them and requires the same numbers bit for
-bit, so a refactor that changes any computation shows up here.
+`tests/golden/*.jsonl`; `tests/test_golden.py` reruns them and requires the same numbers (counts
+exactly, floats to float rounding, which differs between CPU instruction sets), so a refactor
+that changes any computation shows up here.
 """
 
 from __future__ import annotations
