@@ -5,8 +5,8 @@ Compiles each shipped config ahead of time for one or two TPU slices it is meant
 with every row's per-chip memory, whether it fits and the full reports, plus the Markdown table.
 A config that does not fit as shipped keeps its one-line reason, and the next row is the
 smallest trainer.grad_accum_steps (same global batch, fewer rows per chip at a time) that fits,
-or the finest split there is (one row per chip) with what it still needs: the eval step takes
-trainer.batch_size rows at once, so it can be what does not fit.
+or the finest split there is (one row per chip) with what it still needs. The eval step runs in
+the same microbatches as the train step.
 """
 
 from __future__ import annotations
