@@ -68,17 +68,25 @@ class PrepareSettings:
     specs: list = dataclasses.field(default_factory=list)
 
 
-class TokenizeFiles(PipelineStep):
+class _PrepareStep(PipelineStep):
+    """A datatrove step over prepare's settings; its tasks load the tokenizer themselves."""
+
     type = "🔢 - TOKENIZE"
-    name = "token shards"
 
     def __init__(self, settings: PrepareSettings):
         super().__init__()
         self.s = settings
 
+    def tokenizer(self):
+        return load_tokenizer(types.SimpleNamespace(tokenizer=self.s.tokenizer), vocab_size=1 << 31)
+
+
+class TokenizeFiles(_PrepareStep):
+    name = "token shards"
+
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         s = self.s
-        tokenizer = load_tokenizer(types.SimpleNamespace(tokenizer=s.tokenizer), vocab_size=1 << 31)
+        tokenizer = self.tokenizer()
         tokenize = Tokenize(tokenizer, s.add_bos, s.add_eos)
         dtype = token_dtype(tokenizer.vocab_size)
         for i in range(rank, len(s.files), world_size):
@@ -111,19 +119,14 @@ class TokenizeFiles(PipelineStep):
         return shards
 
 
-class WriteManifest(PipelineStep):
+class WriteManifest(_PrepareStep):
     """One task: shard-NNNNN names in input order, prepare's manifest, the folder moved into place."""
 
-    type = "🔢 - TOKENIZE"
     name = "prepared manifest"
-
-    def __init__(self, settings: PrepareSettings):
-        super().__init__()
-        self.s = settings
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         s = self.s
-        tokenizer = load_tokenizer(types.SimpleNamespace(tokenizer=s.tokenizer), vocab_size=1 << 31)
+        tokenizer = self.tokenizer()
         shards, skipped = [], collections.Counter()
         for i in range(len(s.files)):
             with open(os.path.join(s.folder, "parts", f"{i:06d}.json")) as f:
