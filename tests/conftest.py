@@ -1,12 +1,28 @@
-"""Test-wide setup: 8 fake CPU devices (set before JAX starts) for the sharding tests."""
+"""Test-wide setup: 8 fake CPU devices (set before JAX starts) for the sharding tests, and one
+compilation cache for the whole session."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# Most of the suite's time is XLA compiling the same small programs again: in the resume,
+# multi-process and CLI tests every subprocess compiles what the run before it compiled. One
+# cache per pytest session (made by the first process to load this file, inherited by xdist
+# workers and subprocesses through the environment, removed at its exit) compiles each once.
+# A bounded size turns on JAX's file lock, so concurrent workers never read a half-written entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxllm-test-jit-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import json
-import shutil
 import subprocess
 import sys
 import sysconfig
