@@ -43,15 +43,14 @@ def _tensorboardx_writer():
     """tensorboardX's SummaryWriter, imported without PyTorch: tensorboardX imports torch, when
     installed, only to accept its tensors (we log floats), and that import costs a run about 2.5 s
     of start-up."""
-    if "torch" in sys.modules or "tensorboardX" in sys.modules:
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter
-    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX expects
+    block = "torch" not in sys.modules
+    if block:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
     try:
         from tensorboardX import SummaryWriter
     finally:
-        del sys.modules["torch"]
+        if block:
+            del sys.modules["torch"]
     return SummaryWriter
 
 
@@ -70,11 +69,10 @@ class MetricsLogger:
             os.makedirs(run_dir, exist_ok=True)
             self._jsonl = open(path, "a")
         if tensorboard:
-            SummaryWriter = _tensorboardx_writer()
             if paths.is_url(run_dir) and not run_dir.startswith(("gs://", "s3://")):
                 raise UserError(f"logging.tensorboard: TensorBoard events go to local folders, gs:// or s3://, "
                                 f"not {run_dir}; set logging.tensorboard=false")
-            self._tb = SummaryWriter(paths.join(run_dir, "tensorboard"))
+            self._tb = _tensorboardx_writer()(paths.join(run_dir, "tensorboard"))
         if progress_bar:
             from tqdm import tqdm
 
